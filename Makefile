@@ -1,0 +1,35 @@
+# pyreplica: `make demo` shows it work, `make test` runs the whole suite. Both install what they need.
+PY      := .venv/bin/python
+PYTEST  := .venv/bin/pytest
+
+.PHONY: setup demo test bench bench-quick install clean
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	$(PY) -m pyreplica.cli demo
+
+test: setup
+	$(PYTEST) -q $(PYTEST_ARGS)
+
+bench:
+	@WITH_PGQ=1 bash scripts/setup.sh
+	$(PY) -m bench.run
+
+bench-quick:
+	@WITH_PGQ=1 bash scripts/setup.sh
+	$(PY) -m bench.run --quick
+
+# Installs the command, the init.d script, the systemd unit and a sample config (see README).
+install:
+	pip install .
+	install -D -m 0755 pyreplica.sh /usr/local/lib/pyreplica/pyreplica.sh
+	install -D -m 0644 pyreplica@.service /etc/systemd/system/pyreplica@.service
+	install -D -m 0644 master-install.sql /usr/local/share/pyreplica/master-install.sql
+	install -D -m 0644 master-uninstall.sql /usr/local/share/pyreplica/master-uninstall.sql
+	install -d -m 0755 /etc/pyreplica
+	[ -e /etc/pyreplica/sample.conf.example ] || install -m 0644 sample.conf /etc/pyreplica/sample.conf.example
+
+clean:
+	rm -rf .venv build *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,1 @@
+pyreplica/sql/master-install.sql

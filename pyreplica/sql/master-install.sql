@@ -1,0 +1,495 @@
+-- pyreplica: master side.
+--
+--   psql somedb -f master-install.sql          (as a superuser)
+--
+-- Installs, in schema public: the log table replica_log (+ sequence replica_log_id_seq), the slave
+-- registry replica_slaves, the capture trigger function py_log_replica, py_log_create_tg /
+-- py_log_drop_tg to put it on tables, py_log_sql to log an administrator's SQL, and the functions
+-- the daemon calls (replica_register_slave, replica_confirm, replica_prune, replica_drop_slave).
+-- Running it again changes nothing and loses no log row. master-uninstall.sql removes it all.
+--
+-- The whole script is one transaction: on any error nothing is left half-installed.
+
+\set ON_ERROR_STOP on
+BEGIN;
+SET LOCAL client_min_messages = warning;
+
+DO $check$
+BEGIN
+    IF NOT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
+        RAISE EXCEPTION 'pyreplica: master-install.sql must be run by a superuser (role "%" is not one)', current_user
+            USING HINT = 'Run it as postgres, e.g.: sudo -u postgres psql somedb -f master-install.sql';
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_available_extensions WHERE name = 'plpython3u') THEN
+        RAISE EXCEPTION 'pyreplica: PL/Python (plpython3u) is not available on this server'
+            USING HINT = format('Install the package postgresql-plpython3-%s (apt-get install postgresql-plpython3-%s) and run this script again.',
+                                current_setting('server_version_num')::int / 10000,
+                                current_setting('server_version_num')::int / 10000);
+    END IF;
+END
+$check$;
+
+CREATE EXTENSION IF NOT EXISTS plpython3u;
+
+-- ---------------------------------------------------------------------------------------------
+-- The log. One row per row change (or per TRUNCATE, or per administrator's statement).
+-- ---------------------------------------------------------------------------------------------
+CREATE SEQUENCE IF NOT EXISTS public.replica_log_id_seq;
+
+CREATE TABLE IF NOT EXISTS public.replica_log (
+    id       bigint      NOT NULL DEFAULT nextval('public.replica_log_id_seq') PRIMARY KEY,
+    sql      text        NOT NULL,
+    username name        NOT NULL DEFAULT session_user,
+    ts       timestamptz NOT NULL DEFAULT now()
+);
+-- Columns added over the original PyReplica's (an old log table is upgraded in place).
+ALTER TABLE public.replica_log
+    ADD COLUMN IF NOT EXISTS txid    xid8 NOT NULL DEFAULT pg_current_xact_id(),
+    ADD COLUMN IF NOT EXISTS relname text,
+    ADD COLUMN IF NOT EXISTS op      "char" NOT NULL DEFAULT 'S';
+ALTER SEQUENCE public.replica_log_id_seq OWNED BY public.replica_log.id;
+-- Batches are chosen by transaction id (see the daemon's batch module).
+CREATE INDEX IF NOT EXISTS replica_log_txid_idx ON public.replica_log (txid);
+
+COMMENT ON TABLE public.replica_log IS
+    'pyreplica: every replicated change as the SQL statement that repeats it on a slave';
+
+-- ---------------------------------------------------------------------------------------------
+-- The slave registry: where each slave has got to (for status and pruning).
+-- ---------------------------------------------------------------------------------------------
+CREATE TABLE IF NOT EXISTS public.replica_slaves (
+    name          text        PRIMARY KEY,
+    confirmed     pg_snapshot NOT NULL,    -- the master snapshot the slave has applied up to
+    batch_id      bigint      NOT NULL DEFAULT 0,
+    applied       bigint      NOT NULL DEFAULT 0,   -- events applied since registration
+    confirmed_at  timestamptz NOT NULL DEFAULT now(),
+    last_contact  timestamptz NOT NULL DEFAULT now(),
+    registered_at timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE public.replica_slaves IS 'pyreplica: one row per slave, its confirmed position';
+
+REVOKE ALL ON public.replica_log, public.replica_log_id_seq, public.replica_slaves FROM PUBLIC;
+
+-- ---------------------------------------------------------------------------------------------
+-- Capture.
+--
+-- Four statement-level AFTER triggers per table (INSERT, UPDATE, DELETE, TRUNCATE) with
+-- transition tables: the statements for all rows a statement touched are rendered by one
+-- INSERT ... SELECT inside the server, so a 200,000-row INSERT costs one trigger call.
+-- Values are rendered with format('%L'), i.e. the type's own output function, under pinned
+-- settings (the SET clauses below), so the slave parses them back identically whatever its
+-- session's TimeZone, DateStyle, IntervalStyle, extra_float_digits or standard_conforming_strings.
+-- ---------------------------------------------------------------------------------------------
+
+-- The query that logs one statement's rows of table `rel` for operation `op` (I, U, D, T).
+-- py_log_replica prepares it once per backend, table and column signature.
+CREATE OR REPLACE FUNCTION public.py_log_capture_sql(rel regclass, op "char")
+RETURNS text
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    target    text := format('%I.%I', (SELECT nspname FROM pg_namespace n JOIN pg_class c ON c.relnamespace = n.oid WHERE c.oid = rel),
+                                      (SELECT relname FROM pg_class WHERE oid = rel));
+    cols      text[];      -- quoted names of the columns a statement writes (no generated ones)
+    pk        text[];      -- quoted names of the primary-key columns
+    overriding text := '';
+    stmt      text;
+BEGIN
+    SELECT array_agg(quote_ident(attname) ORDER BY attnum),
+           bool_or(attidentity = 'a')
+      INTO cols, overriding
+      FROM pg_attribute
+     WHERE attrelid = rel AND attnum > 0 AND NOT attisdropped AND attgenerated = '';
+    overriding := CASE WHEN overriding::bool THEN ' OVERRIDING SYSTEM VALUE' ELSE '' END;
+
+    SELECT array_agg(quote_ident(a.attname) ORDER BY k.ord)
+      INTO pk
+      FROM pg_index i
+      CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+     WHERE i.indrelid = rel AND i.indisprimary;
+
+    IF op = 'T' THEN
+        RETURN format($q$INSERT INTO public.replica_log (txid, relname, op, sql)
+                         VALUES (pg_current_xact_id(), %L, 'T', %L)$q$,
+                      target, 'TRUNCATE ' || target);
+    END IF;
+    IF pk IS NULL THEN
+        RAISE EXCEPTION 'pyreplica: table % has no primary key and cannot be replicated', target;
+    END IF;
+
+    IF op = 'I' THEN
+        -- INSERT INTO t (a, b) VALUES ('1', 'x')
+        stmt := format($q$%L || concat_ws(', ', %s) || ')'$q$,
+                       format('INSERT INTO %s (%s)%s VALUES (', target, array_to_string(cols, ', '), overriding),
+                       (SELECT string_agg(format('format(''%%L'', n.%s)', c), ', ') FROM unnest(cols) c));
+        RETURN format($q$INSERT INTO public.replica_log (txid, relname, op, sql)
+                         SELECT pg_current_xact_id(), %L, 'I', %s FROM pyreplica_new n$q$, target, stmt);
+    ELSIF op = 'D' THEN
+        -- DELETE FROM t WHERE id = '1'
+        stmt := format($q$%L || %s$q$, format('DELETE FROM %s WHERE ', target),
+                       (SELECT string_agg(format($e$%L || format('%%L', o.%s)$e$, c || ' = ', c), $s$ || ' AND ' || $s$) FROM unnest(pk) c));
+        RETURN format($q$INSERT INTO public.replica_log (txid, relname, op, sql)
+                         SELECT pg_current_xact_id(), %L, 'D', %s FROM pyreplica_old o$q$, target, stmt);
+    ELSIF op = 'U' THEN
+        -- UPDATE t SET b = 'y' WHERE id = '1'; only changed columns, nothing for a no-op row.
+        -- Old and new rows are paired by position: PostgreSQL appends each updated row's old and
+        -- new versions to the two transition tables in lockstep (trigger.c, TransitionTableAddTuple),
+        -- so the k-th row of one is the k-th row of the other, even when the primary key changed.
+        -- Values are compared by their text form, which works for every type (json has no "=")
+        -- and sees changes "=" would hide (1.0 -> 1.00).
+        stmt := format($q$concat_ws(', ', %s)$q$,
+                       (SELECT string_agg(format($e$CASE WHEN format('%%L', o.%1$s) IS DISTINCT FROM format('%%L', n.%1$s) THEN %2$L || format('%%L', n.%1$s) END$e$, c, c || ' = '), ', ')
+                          FROM unnest(cols) c));
+        RETURN format($q$INSERT INTO public.replica_log (txid, relname, op, sql)
+                         SELECT pg_current_xact_id(), %L, 'U', %L || s.set_list || %L || %s
+                           FROM (SELECT row_number() OVER () AS pyreplica_rn, * FROM pyreplica_old) o
+                           JOIN (SELECT row_number() OVER () AS pyreplica_rn, * FROM pyreplica_new) n USING (pyreplica_rn)
+                          CROSS JOIN LATERAL (SELECT %s AS set_list) s
+                          WHERE s.set_list <> ''
+                          ORDER BY pyreplica_rn$q$,
+                      target, format('UPDATE %s SET ', target), ' WHERE ',
+                      (SELECT string_agg(format($e$%L || format('%%L', o.%s)$e$, c || ' = ', c), $s$ || ' AND ' || $s$) FROM unnest(pk) c),
+                      stmt);
+    END IF;
+    RAISE EXCEPTION 'pyreplica: unknown operation %', op;
+END
+$fn$;
+
+-- The capture trigger. Kept tiny: find (or prepare once per backend) the logging query for this
+-- table, operation and column signature, run it, NOTIFY. PostgreSQL folds identical NOTIFYs of one
+-- transaction into one, so listeners get one notification per writing transaction.
+CREATE OR REPLACE FUNCTION public.py_log_replica()
+RETURNS trigger
+LANGUAGE plpython3u
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET "DateStyle" = 'ISO, YMD'
+SET "IntervalStyle" = 'iso_8601'
+SET "TimeZone" = 'UTC'
+SET extra_float_digits = 1
+SET bytea_output = 'hex'
+SET standard_conforming_strings = on
+SET lc_monetary = 'C'
+SET xmloption = 'content'
+AS $py$
+# TD["args"][0] is the table's column signature, renewed by py_log_replica_ddl whenever
+# ALTER TABLE changes the columns: a new signature means a new query.
+key = (TD["relid"], TD["event"], tuple(TD["args"] or ()))
+plan = SD.get(key)
+if plan is None:
+    op = {"INSERT": "I", "UPDATE": "U", "DELETE": "D", "TRUNCATE": "T"}[TD["event"]]
+    text = plpy.execute(plpy.prepare("SELECT public.py_log_capture_sql($1, $2) AS q", ["oid", '"char"']),
+                        [TD["relid"], op])[0]["q"]
+    plan = SD[key] = (plpy.prepare(text), plpy.prepare("SELECT pg_notify('replicas', '')"))
+if plpy.execute(plan[0]).nrows() > 0 or TD["event"] == "TRUNCATE":
+    plpy.execute(plan[1])
+$py$;
+
+-- The signature of a table's columns: it changes when a column is added, dropped, renamed or
+-- retyped, or the primary key changes.
+CREATE OR REPLACE FUNCTION public.py_log_signature(rel regclass)
+RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT md5(coalesce(string_agg(format('%s:%s:%s:%s:%s', attnum, attname, atttypid, atttypmod, attgenerated), ',' ORDER BY attnum), '')
+               || coalesce((SELECT indkey::text FROM pg_index WHERE indrelid = rel AND indisprimary), ''))
+      FROM pg_attribute
+     WHERE attrelid = rel AND attnum > 0 AND NOT attisdropped;
+$fn$;
+
+-- Resolve a table name as the install guide's query passes it: 'name', 'schema.name', quoted or
+-- mixed case. A bare name found in one schema only is that table even off the search_path.
+-- Returns the table, or NULL and a message saying what is wrong.
+CREATE OR REPLACE FUNCTION public.py_log_resolve(tablename text, OUT rel regclass, OUT problem text)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    parts text[];
+    hits  int;
+BEGIN
+    BEGIN
+        parts := parse_ident(tablename);
+    EXCEPTION WHEN others THEN
+        problem := format('table %s: not a valid table name', tablename);
+        RETURN;
+    END;
+    IF array_length(parts, 1) = 2 THEN
+        SELECT c.oid INTO rel FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE n.nspname = parts[1] AND c.relname = parts[2] AND c.relkind IN ('r', 'p');
+    ELSIF array_length(parts, 1) = 1 THEN
+        -- on the search_path first, as PostgreSQL would resolve it
+        rel := to_regclass(quote_ident(parts[1]));
+        IF rel IS NOT NULL AND (SELECT relkind FROM pg_class WHERE oid = rel) NOT IN ('r', 'p') THEN
+            rel := NULL;
+        END IF;
+        IF rel IS NULL THEN
+            SELECT count(*), min(c.oid) INTO hits, rel FROM pg_class c
+             WHERE c.relname = parts[1] AND c.relkind IN ('r', 'p');
+            IF hits > 1 THEN
+                rel := NULL;
+                problem := format('table %s exists in several schemas (%s): call py_log_create_tg(''schema.%s'')',
+                                  tablename,
+                                  (SELECT string_agg(n.nspname, ', ' ORDER BY n.nspname) FROM pg_class c
+                                     JOIN pg_namespace n ON n.oid = c.relnamespace
+                                    WHERE c.relname = parts[1] AND c.relkind IN ('r', 'p')),
+                                  tablename);
+                RETURN;
+            END IF;
+        END IF;
+    ELSE
+        problem := format('table %s: expected name or schema.name', tablename);
+        RETURN;
+    END IF;
+    IF rel IS NULL THEN
+        problem := format('table %s does not exist (couldn''t be replicated)!', tablename);
+    END IF;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION public.py_log_is_own_table(rel regclass)
+RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT rel IN ('public.replica_log'::regclass, 'public.replica_slaves'::regclass)
+        OR (SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel) = 'pyreplica';
+$fn$;
+
+-- Put the capture triggers on a table. Returns one line per table saying what happened; a problem
+-- with one table is such a line, never an error, so that the install guide's query over every
+-- table always completes. pyreplica's own tables yield no line at all.
+CREATE OR REPLACE FUNCTION public.py_log_create_tg(tablename text)
+RETURNS SETOF text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    r       record;
+    pkcols  text;
+    sig     text;
+    trg     text;
+    ev      text;
+BEGIN
+    SELECT * INTO r FROM public.py_log_resolve(tablename);
+    IF r.problem IS NOT NULL THEN
+        RETURN NEXT r.problem;
+        RETURN;
+    END IF;
+    IF public.py_log_is_own_table(r.rel) THEN
+        RAISE NOTICE 'pyreplica: % is pyreplica''s own table, not replicated', r.rel;
+        RETURN;
+    END IF;
+    IF (SELECT relispartition FROM pg_class WHERE oid = r.rel) THEN
+        RETURN NEXT format('table %s is a partition: replicate its partitioned table %s instead',
+                           tablename, (SELECT inhparent::regclass FROM pg_inherits WHERE inhrelid = r.rel));
+        RETURN;
+    END IF;
+    IF EXISTS (SELECT FROM pg_inherits WHERE inhrelid = r.rel) THEN
+        RETURN NEXT format('table %s inherits from another table (couldn''t be replicated)!', tablename);
+        RETURN;
+    END IF;
+    SELECT string_agg(a.attname, ',' ORDER BY k.ord) INTO pkcols
+      FROM pg_index i
+      CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+     WHERE i.indrelid = r.rel AND i.indisprimary;
+    IF pkcols IS NULL THEN
+        RETURN NEXT format('table %s has no pk constraint (couldn''t be replicated)!', tablename);
+        RETURN;
+    END IF;
+
+    sig := public.py_log_signature(r.rel);
+    trg := (SELECT relname FROM pg_class WHERE oid = r.rel) || '_replica_tg';
+    PERFORM public.py_log_drop_triggers(r.rel);
+    FOREACH ev IN ARRAY ARRAY['insert', 'update', 'delete', 'truncate'] LOOP
+        EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s %s FOR EACH STATEMENT EXECUTE FUNCTION public.py_log_replica(%L)',
+                       CASE ev WHEN 'insert' THEN trg ELSE trg || '_' || left(ev, 1) END,
+                       upper(ev), r.rel,
+                       CASE ev WHEN 'insert' THEN 'REFERENCING NEW TABLE AS pyreplica_new'
+                               WHEN 'update' THEN 'REFERENCING OLD TABLE AS pyreplica_old NEW TABLE AS pyreplica_new'
+                               WHEN 'delete' THEN 'REFERENCING OLD TABLE AS pyreplica_old'
+                               ELSE '' END,
+                       sig);
+    END LOOP;
+    RETURN NEXT format('created trigger on %s (%s)', tablename, pkcols);
+END
+$fn$;
+
+-- Drop pyreplica's capture triggers from a table, whatever their names (the table may have been
+-- renamed since). Returns how many were dropped.
+CREATE OR REPLACE FUNCTION public.py_log_drop_triggers(rel regclass)
+RETURNS int
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    t    record;
+    n    int := 0;
+BEGIN
+    FOR t IN SELECT tgname FROM pg_trigger
+              WHERE tgrelid = rel AND tgfoid = 'public.py_log_replica()'::regprocedure LOOP
+        EXECUTE format('DROP TRIGGER %I ON %s', t.tgname, rel);
+        n := n + 1;
+    END LOOP;
+    RETURN n;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION public.py_log_drop_tg(tablename text)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    r record;
+BEGIN
+    SELECT * INTO r FROM public.py_log_resolve(tablename);
+    IF r.problem IS NOT NULL THEN
+        RETURN r.problem;
+    END IF;
+    IF public.py_log_drop_triggers(r.rel) = 0 THEN
+        RETURN format('table %s had no replica trigger', tablename);
+    END IF;
+    RETURN format('dropped trigger on %s', tablename);
+END
+$fn$;
+
+-- ALTER TABLE on a replicated table: renew its triggers' column signature so that every backend
+-- prepares a new capture query (a cached one would miss an added column).
+CREATE OR REPLACE FUNCTION public.py_log_replica_ddl()
+RETURNS event_trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    cmd record;
+    rel regclass;
+BEGIN
+    FOR cmd IN SELECT DISTINCT objid FROM pg_event_trigger_ddl_commands()
+                WHERE classid = 'pg_class'::regclass LOOP
+        rel := cmd.objid;
+        IF EXISTS (SELECT FROM pg_trigger WHERE tgrelid = rel AND tgfoid = 'public.py_log_replica()'::regprocedure
+                      AND encode(tgargs, 'escape') <> public.py_log_signature(rel) || '\000') THEN
+            PERFORM public.py_log_create_tg(rel::text);
+        END IF;
+    END LOOP;
+END
+$fn$;
+
+DROP EVENT TRIGGER IF EXISTS py_log_replica_ddl;
+CREATE EVENT TRIGGER py_log_replica_ddl ON ddl_command_end
+    WHEN TAG IN ('ALTER TABLE', 'CREATE INDEX', 'DROP INDEX')
+    EXECUTE FUNCTION public.py_log_replica_ddl();
+
+-- ---------------------------------------------------------------------------------------------
+-- An administrator's SQL (DDL to propagate): run here, and logged so every slave runs it too, in
+-- the same place of the stream. The slave runs it as the daemon's role.
+-- ---------------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION public.py_log_sql(statement text)
+RETURNS bigint
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    logged bigint;
+BEGIN
+    EXECUTE statement;
+    INSERT INTO public.replica_log (txid, relname, op, sql)
+    VALUES (pg_current_xact_id(), NULL, 'S', statement)
+    RETURNING id INTO logged;
+    PERFORM pg_notify('replicas', '');
+    RETURN logged;
+END
+$fn$;
+COMMENT ON FUNCTION public.py_log_sql(text) IS
+    'pyreplica: run an administrator''s SQL (e.g. ALTER TABLE) here and log it for every slave; returns its log id';
+
+-- ---------------------------------------------------------------------------------------------
+-- The daemon's side of the registry (called by pyreplica, never by applications).
+-- ---------------------------------------------------------------------------------------------
+
+-- Register a slave at a snapshot (default: the oldest event still in the log, i.e. a snapshot
+-- that sees none of the logged transactions). Returns the slave's confirmed snapshot.
+CREATE OR REPLACE FUNCTION public.replica_register_slave(slave text, at pg_snapshot DEFAULT NULL)
+RETURNS pg_snapshot
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    start pg_snapshot;
+BEGIN
+    IF at IS NULL THEN
+        start := coalesce((SELECT min(txid)::text || ':' || min(txid)::text || ':' FROM public.replica_log),
+                          pg_current_snapshot()::text)::pg_snapshot;
+    ELSE
+        start := at;
+    END IF;
+    INSERT INTO public.replica_slaves (name, confirmed) VALUES (slave, start)
+    ON CONFLICT (name) DO UPDATE SET confirmed = EXCLUDED.confirmed, batch_id = 0, applied = 0,
+                                     confirmed_at = now(), last_contact = now(), registered_at = now();
+    RETURN start;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION public.replica_confirm(slave text, snap pg_snapshot, batch bigint, events bigint)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    UPDATE public.replica_slaves
+       SET confirmed = snap, batch_id = batch, applied = applied + events,
+           confirmed_at = now(), last_contact = now()
+     WHERE name = slave;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pyreplica: slave "%" is not registered on this master (dropped with drop-slave?)', slave
+            USING HINT = 'Register it again with pyreplica clone, or start the daemon with a new slave database.';
+    END IF;
+END
+$fn$;
+
+-- Delete, in small batches, the events every registered slave has confirmed: those of
+-- transactions older than the oldest confirmed snapshot's xmin. Returns how many were deleted.
+CREATE OR REPLACE FUNCTION public.replica_prune(batch_size int DEFAULT 5000)
+RETURNS bigint
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    horizon xid8 := (SELECT min(pg_snapshot_xmin(confirmed)) FROM public.replica_slaves);
+    deleted bigint;
+BEGIN
+    IF horizon IS NULL THEN
+        RETURN 0;   -- no slave registered yet: keep everything for the first one
+    END IF;
+    DELETE FROM public.replica_log
+     WHERE id IN (SELECT id FROM public.replica_log WHERE txid < horizon LIMIT batch_size);
+    GET DIAGNOSTICS deleted = ROW_COUNT;
+    RETURN deleted;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION public.replica_drop_slave(slave text)
+RETURNS boolean
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    WITH gone AS (DELETE FROM public.replica_slaves WHERE name = slave RETURNING 1)
+    SELECT EXISTS (SELECT FROM gone);
+$fn$;
+
+-- Only superusers (and roles the administrator grants them to) manage replication.
+REVOKE ALL ON FUNCTION public.py_log_replica(), public.py_log_replica_ddl(),
+    public.py_log_capture_sql(regclass, "char"), public.py_log_signature(regclass),
+    public.py_log_resolve(text), public.py_log_is_own_table(regclass), public.py_log_create_tg(text),
+    public.py_log_drop_triggers(regclass), public.py_log_drop_tg(text), public.py_log_sql(text),
+    public.replica_register_slave(text, pg_snapshot), public.replica_confirm(text, pg_snapshot, bigint, bigint),
+    public.replica_prune(int), public.replica_drop_slave(text)
+    FROM PUBLIC;
+
+COMMIT;
