@@ -1,6 +1,140 @@
+"""The `pyreplica` command (DESIGN §8). Exit codes: 0 success, 1 failure or difference, 2 bad usage/config."""
+import argparse
 import sys
+
+import psycopg2.extensions
+
+from . import config as configuration, log
+from .config import ConfigError
+from .db import ReplicaError
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+def add_server_args(parser):
+    parser.add_argument("master", nargs="?", help="master connection string (or DSN0 in the environment)")
+    parser.add_argument("slave", nargs="?", help="slave connection string (or DSN1 in the environment)")
+    parser.add_argument("-c", "--config", metavar="CONF", help="config file, e.g. /etc/pyreplica/somedb.conf")
+    parser.add_argument("--name", help="this slave's name on the master (default: SLAVE_FIELD/NAME from the "
+                                       "config, else the slave's database name)")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="pyreplica", description="PostgreSQL master -> slave replication")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    run = sub.add_parser("run", help="replicate on the console (the daemon's loop)")
+    add_server_args(run)
+    run.add_argument("--debug-level", type=int, choices=range(4), help="0-3, overrides DEBUG_LEVEL")
+    run.add_argument("--skip-user", help="overrides SKIP_USER")
+    run.add_argument("--keepalive", type=int, help="overrides KEEPALIVE (seconds)")
+
+    clone = sub.add_parser("clone", help="copy schema and data of the replicated tables to an empty slave")
+    add_server_args(clone)
+
+    drop = sub.add_parser("drop-slave", help="forget a slave on the master so the log stops growing for it")
+    drop.add_argument("slave_name", metavar="NAME")
+    drop.add_argument("master", nargs="?", help="master connection string (or DSN0 / -c)")
+    drop.add_argument("-c", "--config", metavar="CONF")
+
+    for name, text in (("status", "per slave: position, lag, last contact, in-doubt transactions"),
+                       ("compare", "row counts and content hashes of every replicated table on both sides")):
+        cmd = sub.add_parser(name, help=text)
+        add_server_args(cmd)
+        cmd.add_argument("--json", action="store_true", help="machine-readable output")
+
+    sub.add_parser("demo", help="two throw-away clusters: install, write, replicate, status, compare")
+    return parser
+
+
+def load_config(args):
+    if args.config:
+        if args.master or args.slave:
+            raise ConfigError("give either -c CONF or the connection strings, not both")
+        return configuration.load(args.config)
+    return configuration.from_args(args.master, args.slave,
+                                   DEBUG_LEVEL=getattr(args, "debug_level", None),
+                                   SKIP_USER=getattr(args, "skip_user", None),
+                                   KEEPALIVE=getattr(args, "keepalive", None))
+
+
+def slave_name(args, config):
+    name = getattr(args, "name", None) or config.SLAVE_FIELD or config.NAME
+    if not name:
+        try:
+            name = psycopg2.extensions.parse_dsn(config.DSN1).get("dbname")
+        except psycopg2.ProgrammingError:
+            name = None
+    if not name:
+        raise ConfigError(f"{config.source}: cannot tell this slave's name: give --name or SLAVE_FIELD")
+    if not configuration.SLAVE_NAME_RE.match(name):
+        raise ConfigError(f"slave name {name!r} is not allowed: use 1-63 letters, digits, '_', '.' or '-' (--name)")
+    return name
+
+
+def cmd_run(args):
+    from .mail import Mailer
+    from .replicator import Replicator
+    config = load_config(args)
+    if args.config is None and args.debug_level is not None:
+        config.values[("MAIN", "DEBUG_LEVEL")] = args.debug_level
+    name = slave_name(args, config)
+    log.setup(config.NAME or name, config.DEBUG_LEVEL)
+    return Replicator(config, name, Mailer.from_config(config, name)).run()
+
+
+def cmd_clone(args):
+    from .clone import clone
+    config = load_config(args)
+    name = slave_name(args, config)
+    log.setup(config.NAME or name, config.DEBUG_LEVEL)
+    return clone(config, name)
+
+
+def cmd_drop_slave(args):
+    from .admin import drop_slave
+    if args.config:
+        dsn = configuration.load(args.config).DSN0
+    else:
+        dsn = args.master or configuration.from_args(None, "unused").DSN0
+    return drop_slave(dsn, args.slave_name)
+
+
+def cmd_status(args):
+    from .status import status
+    config = load_config(args)
+    return status(config, args.json)
+
+
+def cmd_compare(args):
+    from .compare import compare
+    config = load_config(args)
+    return compare(config, slave_name(args, config), args.json)
+
+
+def cmd_demo(args):
+    from .demo import demo
+    return demo()
+
+
+COMMANDS = {"run": cmd_run, "clone": cmd_clone, "drop-slave": cmd_drop_slave, "status": cmd_status,
+            "compare": cmd_compare, "demo": cmd_demo}
 
 
 def main(argv=None):
-    print("pyreplica: the command line is not there yet", file=sys.stderr)
-    return 2
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as e:
+        print(f"pyreplica: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except ReplicaError as e:
+        print(f"pyreplica: {e}", file=sys.stderr)
+        return EXIT_FAIL
+    except KeyboardInterrupt:
+        return EXIT_FAIL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Applying events on the slave: its schema `pyreplica`, its position, and the checked replay."""
+import os
+
+import psycopg2
+
+from . import SQL_DIR
+from .db import ReplicaError
+
+# Session settings for replay. The logged literals do not depend on them (the capture pins its
+# own), but administrator's SQL and money/xml input do; replica role keeps the slave's triggers
+# and FK checks (and pyreplica's own capture trigger, in multi-master) from firing.
+SLAVE_SESSION = """
+SET session_replication_role = replica;
+SET "DateStyle" = 'ISO, YMD';
+SET "IntervalStyle" = 'iso_8601';
+SET "TimeZone" = 'UTC';
+SET extra_float_digits = 1;
+SET standard_conforming_strings = on;
+SET lc_monetary = 'C';
+SET xmloption = content;
+"""
+
+READ_POSITION = "SELECT snapshot::text, batch_id FROM pyreplica.position WHERE slave = %s"
+
+WRITE_POSITION = """
+INSERT INTO pyreplica.position AS p (slave, snapshot, batch_id, applied, updated_at)
+VALUES (%(slave)s, %(cur)s, %(batch_id)s, %(events)s, now())
+ON CONFLICT (slave) DO UPDATE
+   SET snapshot = EXCLUDED.snapshot, batch_id = EXCLUDED.batch_id,
+       applied = p.applied + EXCLUDED.applied, updated_at = now()
+"""
+
+APPLY_EVENTS = "SELECT pyreplica.apply_events(%s::bigint[], %s::text[], %s::text[], %s::text[])"
+
+
+class ApplyError(ReplicaError):
+    """A statement failed on the slave (conflict, constraint, missing table): replay stops there."""
+
+    def __init__(self, message, event=None, conflict=False):
+        super().__init__(message, "slave")
+        self.event = event
+        self.conflict = conflict
+
+
+def install(slave_conn):
+    """Create the slave's `pyreplica` schema if needed (autocommit connection)."""
+    with open(os.path.join(SQL_DIR, "slave-install.sql")) as f, slave_conn.cursor() as cur:
+        cur.execute(f.read())
+
+
+def read_position(slave_conn, slave):
+    """(snapshot, batch_id) the slave has committed, or None for a slave seen the first time."""
+    with slave_conn.cursor() as cur:
+        cur.execute(READ_POSITION, (slave,))
+        return cur.fetchone()
+
+
+def start_session(slave_cur):
+    try:
+        slave_cur.execute(SLAVE_SESSION)
+    except psycopg2.errors.InsufficientPrivilege as e:
+        raise ReplicaError(
+            "the slave's role may not set session_replication_role: connect as a superuser, or "
+            "GRANT SET ON PARAMETER session_replication_role TO <role> (PostgreSQL 15+)", "slave") from e
+
+
+def apply_chunk(slave_cur, events):
+    """Apply events in one round trip; raise ApplyError naming the failing event."""
+    try:
+        slave_cur.execute(APPLY_EVENTS, ([e.id for e in events], [e.op for e in events],
+                                         [e.relname for e in events], [e.sql for e in events]))
+    except psycopg2.DatabaseError as e:
+        if not e.pgcode or e.pgcode.startswith(("08", "57P")):
+            raise       # the connection, not the statement: the caller retries
+        # PR001: a row count other than 1; class 23: a constraint the slave's data violates
+        raise _apply_error(e, events, conflict=e.pgcode == "PR001" or e.pgcode.startswith("23")) from e
+
+
+def _apply_error(error, events, conflict):
+    message = (error.diag.message_primary or str(error)).strip()
+    failing = None
+    for event in events:
+        if f"event {event.id} " in message:
+            failing = event
+            break
+    if failing is None and not message.startswith(("conflict at event", "error at event")):
+        message = f"error applying events {events[0].id}..{events[-1].id}: {message}"
+    return ApplyError(message, failing, conflict)
+
+
+def write_position(slave_cur, batch):
+    slave_cur.execute(WRITE_POSITION, {"slave": batch.slave, "cur": batch.cur,
+                                       "batch_id": batch.batch_id, "events": batch.events})

@@ -1,0 +1,198 @@
+"""Configuration: every key declared once, with its type, default and one line of help.
+
+Parsing, the error for a bad key, and sample.conf's comments all come from KEYS.
+A config file is INI with sections [MAIN] and [SMTP] (the original PyReplica's keys keep their
+names); DSN0/DSN1 may also come from the environment, as in the original console run.
+"""
+import configparser
+import os
+import re
+from dataclasses import dataclass, field
+
+
+class ConfigError(Exception):
+    """A config that cannot be used. The message names the file, the key and what is allowed."""
+
+
+def _bool(text):
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _keepalive(text):
+    low = text.strip().lower()
+    if low in ("true", "yes", "on"):
+        return 60
+    if low in ("false", "no", "off", "0"):
+        return 0
+    value = int(low)
+    if value < 0:
+        raise ValueError("expected a number of seconds >= 0, or true (= 60)")
+    return value
+
+
+def _debug_level(text):
+    value = int(text)
+    if not 0 <= value <= 3:
+        raise ValueError("expected 0, 1, 2 or 3")
+    return value
+
+
+def _positive(text):
+    value = float(text)
+    if value <= 0:
+        raise ValueError("expected a number > 0")
+    return value
+
+
+def _list(separator):
+    def parse(text):
+        return [item.strip() for item in text.split(separator) if item.strip()]
+    parse.__name__ = f"list separated by {separator!r}"
+    return parse
+
+
+SLAVE_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,63}$")
+
+
+def _slave_name(text):
+    if text and not SLAVE_NAME_RE.match(text):
+        raise ValueError("expected 1-63 letters, digits, '_', '.' or '-'")
+    return text
+
+
+@dataclass(frozen=True)
+class Key:
+    section: str
+    name: str
+    parse: object
+    default: object
+    help: str
+    example: str = ""       # shown in sample.conf when the default is empty
+
+
+KEYS = [
+    Key("MAIN", "NAME", str, "", "Replica set name: the first field of each log line (default: the slave's name)", "somedb"),
+    Key("MAIN", "DSN0", str, "", "Master (origin) connection string; the environment's DSN0 if unset",
+        "dbname=somedb host=master.example.com user=pyreplica"),
+    Key("MAIN", "DSN1", str, "", "Slave (replica) connection string; the environment's DSN1 if unset",
+        "dbname=somedb host=localhost user=pyreplica"),
+    Key("MAIN", "SLAVE_FIELD", _slave_name, "", "This slave's name on the master (default: NAME, else the slave's database name)"),
+    Key("MAIN", "SKIP_USER", str, "", "Events written by this PostgreSQL user are not replayed (multi-master: the replication user)"),
+    Key("MAIN", "KEEPALIVE", _keepalive, 60, "Seconds without NOTIFY after which the log is checked anyway (true = 60, 0 = never)"),
+    Key("MAIN", "DEBUG_LEVEL", _debug_level, 1, "0 errors only, 1 connections and batches, 2 every statement, 3 tracebacks too"),
+    Key("MAIN", "LOGFILE", str, "/var/log/pyreplica.log", "Log file of the service (the console run logs to the terminal)"),
+    Key("MAIN", "PIDFILE", str, "", "Pid file of this worker when run as a service (default: /run/pyreplica/<conf name>.pid)"),
+    Key("MAIN", "FILTERS", _list(","), [], "Python callables module:function, comma-separated, that may drop or rewrite each event"),
+    Key("MAIN", "TABLES", _list(","), [], "Replicate only these tables (schema.table, * and ? patterns); empty = all"),
+    Key("MAIN", "BATCH_EVENTS", int, 5000, "Events sent to the slave per round trip"),
+    Key("MAIN", "BATCH_BYTES", int, 8 << 20, "Bytes of SQL sent to the slave per round trip (at most)"),
+    Key("MAIN", "RETRY_MAX", _positive, 60.0, "Longest wait in seconds between retries after an error or a lost connection"),
+    Key("SMTP", "SERVER", str, "", "SMTP server host[:port] for notifications; empty = no mail", "localhost:25"),
+    Key("SMTP", "USERNAME", str, "", "SMTP login (optional; STARTTLS is used when the server offers it)"),
+    Key("SMTP", "PASSWORD", str, "", "SMTP password"),
+    Key("SMTP", "FROM_ADDR", str, "pyreplica@localhost", "Sender address"),
+    Key("SMTP", "TO_ADDRS", _list(";"), [], "Recipients, ';'-separated", "dba@example.com;ops@example.com"),
+    Key("SMTP", "START_SUBJECT", str, "pyreplica %(name)s started", "Subject of the start mail"),
+    Key("SMTP", "STOP_SUBJECT", str, "pyreplica %(name)s stopped", "Subject of the stop mail"),
+    Key("SMTP", "ERROR_SUBJECT", str, "pyreplica %(name)s ERROR", "Subject of the error mail (one per outage)"),
+    Key("SMTP", "WARNING_SUBJECT", str, "pyreplica %(name)s conflict", "Subject of the conflict-warning mail"),
+]
+KEYS_BY_NAME = {(k.section, k.name): k for k in KEYS}
+
+
+@dataclass
+class Config:
+    """The settings of one replication worker (one slave)."""
+    source: str = "<command line>"
+    values: dict = field(default_factory=dict)
+
+    def __getattr__(self, name):
+        for section in ("MAIN", "SMTP"):
+            if (section, name.upper()) in KEYS_BY_NAME:
+                return self.values[(section, name.upper())]
+        raise AttributeError(name)
+
+    def get(self, section, name):
+        return self.values[(section, name)]
+
+
+def defaults():
+    return {(k.section, k.name): k.default for k in KEYS}
+
+
+def load(path, environ=os.environ):
+    """Read a config file; raise ConfigError naming file, key and what is allowed."""
+    parser = configparser.ConfigParser(interpolation=None, strict=True)
+    parser.optionxform = str.upper
+    try:
+        with open(path) as f:
+            parser.read_file(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file: {e.strerror}") from None
+    except configparser.Error as e:
+        raise ConfigError(f"{path}: not a valid config file: {e}") from None
+    values = defaults()
+    for section in parser.sections():
+        if section not in ("MAIN", "SMTP"):
+            raise ConfigError(f"{path}: unknown section [{section}] (allowed: [MAIN], [SMTP])")
+        for name, raw in parser.items(section):
+            key = KEYS_BY_NAME.get((section, name))
+            if key is None:
+                allowed = ", ".join(k.name for k in KEYS if k.section == section)
+                raise ConfigError(f"{path}: unknown key {name} in [{section}] (allowed: {allowed})")
+            values[(section, name)] = _parse(path, key, raw)
+    return finish(Config(path, values), environ)
+
+
+def _parse(path, key, raw):
+    try:
+        return key.parse(raw)
+    except ValueError as e:
+        reason = str(e) if key.parse not in (int, str) else "expected a whole number"
+        raise ConfigError(f"{path}: bad value {raw!r} for {key.name} in [{key.section}]: {reason}") from None
+
+
+def from_args(master_dsn, slave_dsn, environ=os.environ, **overrides):
+    """A config for the console run: DSNs from the arguments (or environment), defaults elsewhere."""
+    values = defaults()
+    values[("MAIN", "DSN0")] = master_dsn or ""
+    values[("MAIN", "DSN1")] = slave_dsn or ""
+    for name, value in overrides.items():
+        if value is not None:
+            values[("MAIN", name.upper())] = value
+    return finish(Config("<command line>", values), environ)
+
+
+def finish(config, environ):
+    for key in ("DSN0", "DSN1"):
+        if not config.values[("MAIN", key)]:
+            config.values[("MAIN", key)] = environ.get(key, "")
+    for key, side in (("DSN0", "master"), ("DSN1", "slave")):
+        if not config.values[("MAIN", key)]:
+            raise ConfigError(f"{config.source}: missing {key} (the {side}'s connection string) in [MAIN] "
+                              f"and in the environment")
+    return config
+
+
+def sample_conf():
+    """The text of sample.conf: every key, its default and one line of meaning."""
+    lines = ["# pyreplica: one file per slave, e.g. /etc/pyreplica/somedb.conf",
+             "# Every key with its default; uncomment and edit what you need.", ""]
+    for section in ("MAIN", "SMTP"):
+        lines.append(f"[{section}]")
+        for key in (k for k in KEYS if k.section == section):
+            lines.append(f"# {key.help}")
+            default = key.default
+            if isinstance(default, list):
+                default = (";" if key.name == "TO_ADDRS" else ",").join(default)
+            if key.example and not default:
+                lines.append(f"{key.name} = {key.example}")
+            else:
+                lines.append(f"#{key.name} = {default}")
+        lines.append("")
+    return "\n".join(lines)

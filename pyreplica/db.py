@@ -1,0 +1,64 @@
+"""Connections to the master and the slave, and the errors users see when they fail."""
+import re
+
+import psycopg2
+import psycopg2.extensions
+
+SIDES = {"master": "origin (master)", "slave": "replica (slave)"}
+
+
+class ReplicaError(Exception):
+    """An error to show as one line (exit code 1); `side` says which server it concerns."""
+
+    def __init__(self, message, side=None):
+        super().__init__(message)
+        self.side = side
+
+
+class ConnectionLost(ReplicaError):
+    """A server went away (or could not be reached): retried with backoff by the daemon."""
+
+
+def safe_dsn(dsn):
+    """The DSN with any password hidden, fit for a log line."""
+    return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", dsn)
+
+
+def first_line(error):
+    text = (getattr(error, "pgerror", None) or str(error) or error.__class__.__name__).strip()
+    return text.splitlines()[0] if text else repr(error)
+
+
+def connect(dsn, side, application_name="pyreplica"):
+    """Connect, or raise ConnectionLost with one line naming the side and what went wrong."""
+    try:
+        conn = psycopg2.connect(dsn, application_name=application_name, connect_timeout=10)
+    except psycopg2.OperationalError as e:
+        raise ConnectionLost(f"cannot connect to the {side} ({safe_dsn(dsn)}): {first_line(e)}", side) from e
+    except psycopg2.ProgrammingError as e:  # malformed DSN
+        raise ReplicaError(f"bad {side} connection string {safe_dsn(dsn)!r}: {first_line(e)}", side) from e
+    return conn
+
+
+def is_connection_error(error):
+    """True when a psycopg2 error means the connection is gone (not a statement's failure)."""
+    if isinstance(error, (psycopg2.InterfaceError, psycopg2.OperationalError)):
+        code = getattr(error, "pgcode", None)
+        # 57P01 admin shutdown, 57P02 crash shutdown, 57P03 cannot connect now, 08xxx connection
+        return code is None or code.startswith(("08", "57P"))
+    return False
+
+
+def close_quietly(conn):
+    if conn is not None:
+        try:
+            conn.close()
+        except psycopg2.Error:
+            pass
+
+
+def fetch_one(conn, query, params=None):
+    with conn.cursor() as cur:
+        cur.execute(query, params)
+        row = cur.fetchone()
+        return row[0] if row else None

@@ -1,0 +1,66 @@
+"""Filters and transforms (DESIGN §7): which events a slave takes, and how.
+
+`TABLES` patterns (fnmatch on schema.table) choose the tables; administrator's SQL (op S) always
+passes. Each callable named in `FILTERS` (module:function) sees every event and returns it
+unchanged, a rewritten SQL statement (str), an Event, or None to drop it. A filter that raises stops
+replay at that event like a conflict.
+"""
+import fnmatch
+import importlib
+import traceback
+
+from .apply import ApplyError
+
+
+def load_callable(spec):
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"filter {spec!r}: expected module:function")
+    try:
+        target = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"filter {spec!r}: cannot import module {module_name}: {e}") from None
+    for part in attr.split("."):
+        target = getattr(target, part, None)
+        if target is None:
+            raise ValueError(f"filter {spec!r}: {module_name} has no {attr}")
+    if not callable(target):
+        raise ValueError(f"filter {spec!r}: {attr} is not callable")
+    return target
+
+
+class Pipeline:
+    def __init__(self, tables=(), filters=()):
+        self.tables = list(tables)
+        self.filters = [(spec, load_callable(spec)) for spec in filters]
+
+    def wants(self, event):
+        if not self.tables or event.relname is None:
+            return True
+        return any(fnmatch.fnmatchcase(event.relname, pattern) or
+                   fnmatch.fnmatchcase(event.relname.split(".", 1)[-1], pattern)
+                   for pattern in self.tables)
+
+    def __call__(self, events):
+        if not self.tables and not self.filters:
+            return events
+        out = []
+        for event in events:
+            if not self.wants(event):
+                continue
+            event = self._run_filters(event)
+            if event is not None:
+                out.append(event)
+        return out
+
+    def _run_filters(self, event):
+        for spec, function in self.filters:
+            try:
+                result = function(event)
+            except Exception as e:
+                raise ApplyError(f"filter {spec} raised at event {event.id} ({event.relname}): {e!r}\n"
+                                 f"{traceback.format_exc()}", event) from e
+            if result is None:
+                return None
+            event = event._replace(sql=result) if isinstance(result, str) else result
+        return event

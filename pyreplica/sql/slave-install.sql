@@ -1,0 +1,51 @@
+-- pyreplica: slave side, created by the daemon on its first start (idempotent).
+-- The position lives here, and is updated in the same transaction as the changes it covers.
+
+CREATE SCHEMA IF NOT EXISTS pyreplica;
+
+CREATE TABLE IF NOT EXISTS pyreplica.position (
+    slave      text        PRIMARY KEY,      -- this slave's name on the master
+    snapshot   pg_snapshot NOT NULL,         -- master snapshot applied up to (DESIGN §4)
+    batch_id   bigint      NOT NULL,         -- last batch committed; names the 2PC transactions
+    applied    bigint      NOT NULL DEFAULT 0,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- Apply a chunk of events in one round trip, checking each statement: an INSERT, UPDATE or
+-- DELETE must touch exactly one row, else it is a conflict. Any error names the event.
+CREATE OR REPLACE FUNCTION pyreplica.apply_events(ids bigint[], ops text[], rels text[], stmts text[])
+RETURNS int
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    i    int := 0;
+    n    bigint;
+    verb text;
+BEGIN
+    -- a WHILE loop, not FOR: a FOR loop's variable would hide i from the exception handler
+    WHILE i < coalesce(array_length(ids, 1), 0) LOOP
+        i := i + 1;
+        EXECUTE stmts[i];
+        IF ops[i] IN ('I', 'U', 'D') THEN
+            GET DIAGNOSTICS n = ROW_COUNT;
+            IF n <> 1 THEN
+                verb := CASE ops[i] WHEN 'I' THEN 'INSERT' WHEN 'U' THEN 'UPDATE' ELSE 'DELETE' END;
+                RAISE EXCEPTION 'conflict at event % (% on %): the % matched % rows on the slave, expected 1',
+                                ids[i], verb, rels[i], verb, n
+                      USING ERRCODE = 'PR001', HINT = 'Make the row on the slave match the master''s, then replay resumes.';
+            END IF;
+        END IF;
+    END LOOP;
+    RETURN coalesce(array_length(ids, 1), 0);
+EXCEPTION
+    WHEN SQLSTATE 'PR001' THEN
+        RAISE;
+    WHEN OTHERS THEN
+        -- i still holds the failing event's index: name it, keep PostgreSQL's message and code.
+        RAISE EXCEPTION 'error at event % (% on %): %', ids[i],
+                        CASE ops[i] WHEN 'I' THEN 'INSERT' WHEN 'U' THEN 'UPDATE' WHEN 'D' THEN 'DELETE'
+                                    WHEN 'T' THEN 'TRUNCATE' ELSE 'SQL' END,
+                        coalesce(rels[i], '-'), SQLERRM
+              USING ERRCODE = SQLSTATE;
+END
+$fn$;
