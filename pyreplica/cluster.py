@@ -162,6 +162,9 @@ class Cluster:
 
     def dropdb(self, dbname):
         from psycopg2 import sql
+        # a prepared transaction would block DROP DATABASE: a test that failed may have left one
+        for (gid,) in self.execute("SELECT gid FROM pg_prepared_xacts WHERE database = %s", (dbname,)) or []:
+            self.execute("ROLLBACK PREPARED %s", (gid,), dbname=dbname)
         self.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname)))
 
     def psql(self, dbname, *args, input=None, check=True):

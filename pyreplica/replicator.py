@@ -241,16 +241,14 @@ class Replicator:
     def run(self):
         """Replicate until stopped. Returns the exit code: 0 stopped cleanly, 1 a fatal error."""
         self.install_signal_handlers()
-        backoff, outage, connected_once = 1.0, None, False
+        self.backoff, self.outage, connected_once = 1.0, None, False
         while not self.stop_requested:
             try:
                 if self.listener is None:
                     self.connect()
+                    if not connected_once:
+                        self.mail("start")
                     connected_once = True
-                    if outage:
-                        self.log.warning("Replication resumed after %.0f s", time.monotonic() - outage[0])
-                    outage, backoff = None, 1.0
-                    self.mail("start" if not self.batches else None)
                 self.replicate()
             except Stopping:
                 break
@@ -260,20 +258,20 @@ class Replicator:
                     return 1
                 if not isinstance(e, ConnectionLost) and not is_connection_error(e):
                     raise
-                outage = self.report_outage(e, outage)
+                self.report_outage(e)
+                self.disconnect()
             except apply.ApplyError as e:
-                outage = self.report_outage(e, outage)
+                # keep the connections: the batch is rolled back and retried as it is
+                self.report_outage(e)
             except ReplicaError as e:
                 self.fatal(e)
                 return 1
             except psycopg2.Error as e:   # e.g. the master refused to confirm: not retryable
                 self.fatal(ReplicaError(first_line(e)))
                 return 1
-            self.disconnect()
-            if self.stop_requested:
-                break
-            self.sleep(backoff)
-            backoff = min(backoff * 2, self.config.RETRY_MAX)
+            if not self.stop_requested:
+                self.sleep(self.backoff)
+                self.backoff = min(self.backoff * 2, self.config.RETRY_MAX)
         self.disconnect()
         self.log.info("Stopped")
         self.mail("stop")
@@ -283,6 +281,7 @@ class Replicator:
         quiet = False
         while not self.stop_requested:
             done = self.run_batch()
+            self.progress_made()
             self.housekeeping()
             if self.stop_requested:
                 return
@@ -298,18 +297,23 @@ class Replicator:
                 self.housekeeping(force=True)
             quiet = notified
 
-    def report_outage(self, error, outage):
+    def progress_made(self):
+        if self.outage is not None:
+            self.log.warning("Replication resumed after %.0f s", time.monotonic() - self.outage[0])
+        self.outage, self.backoff = None, 1.0
+
+    def report_outage(self, error):
         """Log (and mail) an error once per outage; later repeats go to the debug log."""
         message = self.describe(error)
-        if outage is None or outage[1] != message:
+        if self.outage is None or self.outage[1] != message:
             self.log.error("%s", message, exc_info=self.config.DEBUG_LEVEL >= 3)
             if isinstance(error, apply.ApplyError) and error.conflict:
                 self.mail("warning", message)
-            elif outage is None:
+            elif self.outage is None:
                 self.mail("error", message)
-            return (time.monotonic() if outage is None else outage[0], message)
-        self.log.debug("still failing: %s", message)
-        return outage
+            self.outage = (time.monotonic() if self.outage is None else self.outage[0], message)
+        else:
+            self.log.debug("still failing: %s", message)
 
     def describe(self, error):
         if isinstance(error, ReplicaError):

@@ -109,3 +109,20 @@ def slave(slave_cluster):
     db = fresh_db(slave_cluster, "s")
     yield db
     slave_cluster.dropdb(db.name)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--soak-seconds", type=float, default=20.0,
+                     help="length of the soak test's write load (default 20; the issue's full run is 60)")
+
+
+@pytest.fixture
+def soak_seconds(request):
+    return request.config.getoption("--soak-seconds")
+
+
+@pytest.fixture
+def slave2(slave_cluster):
+    db = fresh_db(slave_cluster, "s")
+    yield db
+    slave_cluster.dropdb(db.name)

@@ -1,0 +1,160 @@
+"""`pyreplica clone` (DESIGN §8): a new slave from one exported master snapshot, writers never stopped.
+
+1. On the master, a REPEATABLE READ transaction exports its snapshot; the slave is registered at
+   that very snapshot at once, so pruning keeps every event it will need.
+2. pg_dump --snapshot dumps the schema and the replicated tables' data as of that snapshot.
+3. pg_restore's script is fed to psql in ONE slave transaction, together with the slave's
+   position (that snapshot, batch 0): a failed clone leaves the slave as it was.
+Events visible in the snapshot are in the copy; `run` replays every later one, nothing twice.
+"""
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+
+from . import apply, log
+from .cluster import bindir
+from .db import ReplicaError, close_quietly, connect, fetch_one
+from .filters import Pipeline
+from .batch import Event
+
+EXPORT_SNAPSHOT = "SELECT pg_export_snapshot(), pg_current_snapshot()::text"
+REGISTER_AT = "SELECT public.replica_register_slave(%s, %s::pg_snapshot)"
+REPLICATED_TABLES = """
+SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE c.oid IN (SELECT tgrelid FROM pg_trigger WHERE tgfoid = 'public.py_log_replica()'::regprocedure)
+ ORDER BY 1, 2
+"""
+TABLE_EXISTS = "SELECT to_regclass(format('%%I.%%I', %s::text, %s::text)) IS NOT NULL"
+POSITION = """
+INSERT INTO pyreplica.position (slave, snapshot, batch_id) VALUES ({slave}, {snapshot}::pg_snapshot, 0)
+ON CONFLICT (slave) DO UPDATE SET snapshot = EXCLUDED.snapshot, batch_id = 0, applied = 0, updated_at = now();
+"""
+
+# Objects of master-install.sql, by pg_restore's table-of-contents description: not for the slave.
+PYREPLICA_OBJECT = re.compile(
+    r" public (py_log_\w+|replica_(log|slaves|register_slave|confirm|prune|drop_slave)\b)"
+    r"|EVENT TRIGGER - py_log_replica_ddl|EXTENSION - plpython3u|COMMENT - EXTENSION plpython3u"
+    r"|^\d+; \d+ \d+ TRIGGER .*_replica_tg(_[udt])? ")
+TOC_LINE = re.compile(r"^(\d+); \d+ \d+ (?P<desc>[A-Z][A-Z ]*?) (?P<rest>.*)$")
+
+
+def tool(name):
+    path = os.path.join(bindir(), name)
+    return path if os.path.exists(path) else shutil.which(name) or name
+
+
+def clone(config, name):
+    logger = log.get()
+    master = connect(config.DSN0, "master")
+    registered = False
+    try:
+        tables = replicated_tables(master, Pipeline(config.TABLES))
+        check_slave_empty(config.DSN1, tables)
+        master.set_session(isolation_level="REPEATABLE READ")
+        with master.cursor() as cur:
+            cur.execute(EXPORT_SNAPSHOT)
+            exported, snapshot = cur.fetchone()
+        register(config.DSN0, name, snapshot)
+        registered = True
+        logger.info("Cloning %s table(s) from the master at snapshot %s", len(tables), snapshot)
+        with tempfile.TemporaryDirectory(prefix="pyreplica-clone-") as tmp:
+            dump = os.path.join(tmp, "master.dump")
+            run_tool([tool("pg_dump"), "-Fc", "--no-owner", "--no-privileges", f"--snapshot={exported}",
+                      "-f", dump, "-d", config.DSN0], "pg_dump of the master")
+            master.rollback()       # pg_dump has imported the snapshot: the export can end
+            listing = os.path.join(tmp, "restore.list")
+            write_restore_list(dump, listing, tables)
+            logger.info("Restoring into the slave (one transaction)")
+            restore(dump, listing, config.DSN1, name, snapshot)
+        logger.info("Clone done: slave %s registered at snapshot %s; start `pyreplica run` for it", name, snapshot)
+        return 0
+    except BaseException:
+        if registered:
+            unregister(config.DSN0, name)
+        raise
+    finally:
+        close_quietly(master)
+
+
+def replicated_tables(master, pipeline):
+    with master.cursor() as cur:
+        cur.execute(REPLICATED_TABLES)
+        tables = [(schema, table) for schema, table in cur.fetchall()
+                  if pipeline.wants(Event(0, None, f"{schema}.{table}", "I", "", ""))]
+    master.rollback()
+    if not tables:
+        raise ReplicaError("the master replicates no table: run py_log_create_tg on the tables first", "master")
+    return tables
+
+
+def check_slave_empty(slave_dsn, tables):
+    with contextlib.closing(connect(slave_dsn, "slave")) as slave:
+        slave.autocommit = True
+        present = [f"{s}.{t}" for s, t in tables if fetch_one(slave, TABLE_EXISTS, (s, t))]
+        if fetch_one(slave, "SELECT to_regclass('pyreplica.position') IS NOT NULL"):
+            present.append("pyreplica.position")
+    if present:
+        raise ReplicaError(f"the slave is not empty: it already has {', '.join(present[:5])}; clone needs a "
+                           f"new database (createdb) or these dropped", "slave")
+
+
+def register(master_dsn, name, snapshot):
+    with contextlib.closing(connect(master_dsn, "master")) as conn:
+        conn.autocommit = True
+        fetch_one(conn, REGISTER_AT, (name, snapshot))
+
+
+def unregister(master_dsn, name):
+    with contextlib.suppress(Exception), contextlib.closing(connect(master_dsn, "master")) as conn:
+        conn.autocommit = True
+        fetch_one(conn, "SELECT public.replica_drop_slave(%s)", (name,))
+
+
+def run_tool(cmd, what):
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise ReplicaError(f"{what} failed: {result.stderr.strip()[-800:]}")
+    return result.stdout
+
+
+def write_restore_list(dump, listing, tables):
+    """Keep the schema minus pyreplica's own objects, and the data of the replicated tables only."""
+    wanted_data = {f"{schema} {table}" for schema, table in tables}
+    kept = []
+    for line in run_tool([tool("pg_restore"), "-l", dump], "pg_restore -l").splitlines():
+        match = TOC_LINE.match(line)
+        if match is None:
+            kept.append(line)
+            continue
+        if PYREPLICA_OBJECT.search(line):
+            continue
+        if match["desc"] == "TABLE DATA" and match["rest"].rsplit(" ", 1)[0] not in wanted_data:
+            continue
+        kept.append(line)
+    with open(listing, "w") as f:
+        f.write("\n".join(kept) + "\n")
+
+
+def restore(dump, listing, slave_dsn, name, snapshot):
+    from psycopg2.extensions import QuotedString
+    with open(os.path.join(os.path.dirname(apply.__file__), "sql", "slave-install.sql")) as f:
+        slave_schema = f.read()
+    position = POSITION.format(slave=QuotedString(name).getquoted().decode(),
+                               snapshot=QuotedString(snapshot).getquoted().decode())
+    script = subprocess.Popen([tool("pg_restore"), "-L", listing, "-f", "-", dump],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    psql = subprocess.Popen([tool("psql"), "-X", "-q", "-1", "-v", "ON_ERROR_STOP=1", "-d", slave_dsn],
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        shutil.copyfileobj(script.stdout, psql.stdin)
+        psql.stdin.write(slave_schema.encode() + b"\n" + position.encode())
+        psql.stdin.close()
+    except BrokenPipeError:
+        script.kill()       # psql stopped at an error: its stderr says which
+    restore_err = script.stderr.read().decode()
+    if script.wait() != 0 or psql.wait() != 0:
+        raise ReplicaError(f"restore into the slave failed (nothing was kept): "
+                           f"{(psql.stderr.read().decode() or restore_err).strip()[-800:]}", "slave")
