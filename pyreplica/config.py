@@ -29,24 +29,39 @@ def _keepalive(text):
         return 60
     if low in ("false", "no", "off", "0"):
         return 0
-    value = int(low)
-    if value < 0:
+    if not low.isdigit():
         raise ValueError("expected a number of seconds >= 0, or true (= 60)")
-    return value
+    return int(low)
 
 
 def _debug_level(text):
-    value = int(text)
-    if not 0 <= value <= 3:
+    if text.strip() not in ("0", "1", "2", "3"):
         raise ValueError("expected 0, 1, 2 or 3")
-    return value
+    return int(text)
 
 
 def _positive(text):
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError("expected a number of seconds > 0") from None
     if value <= 0:
-        raise ValueError("expected a number > 0")
+        raise ValueError("expected a number of seconds > 0")
     return value
+
+
+def _whole(minimum):
+    """A whole number >= minimum; the error says what is allowed."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError(f"expected a whole number >= {minimum}") from None
+        if value < minimum:
+            raise ValueError(f"expected a whole number >= {minimum}")
+        return value
+    parse.__name__ = f"whole number >= {minimum}"
+    return parse
 
 
 def _list(separator):
@@ -85,19 +100,20 @@ KEYS = [
     Key("MAIN", "SKIP_USER", str, "", "Events written by this PostgreSQL user are not replayed (multi-master: the replication user)"),
     Key("MAIN", "KEEPALIVE", _keepalive, 60, "Seconds without NOTIFY after which the log is checked anyway (true = 60, 0 = never)"),
     Key("MAIN", "DEBUG_LEVEL", _debug_level, 1, "0 errors only, 1 connections and batches, 2 every statement, 3 tracebacks too"),
-    Key("MAIN", "LOGFILE", str, "/var/log/pyreplica.log", "Log file of the service (the console run logs to the terminal)"),
-    Key("MAIN", "PIDFILE", str, "", "Pid file of this worker when run as a service (default: /run/pyreplica/<conf name>.pid)"),
+    Key("MAIN", "LOGFILE", str, "/var/log/pyreplica.log",
+        "Log file of this worker under the service (`pyreplica run` logs to the terminal / journal)"),
+    Key("MAIN", "PIDFILE", str, "", "Pid file of this worker under the service, removed when it stops; empty = none", "/run/pyreplica/somedb.pid"),
     Key("MAIN", "FILTERS", _list(","), [], "Python callables module:function, comma-separated, that may drop or rewrite each event"),
     Key("MAIN", "TABLES", _list(","), [], "Replicate only these tables (schema.table, * and ? patterns); empty = all"),
-    Key("MAIN", "BATCH_EVENTS", int, 5000, "Events sent to the slave per round trip"),
-    Key("MAIN", "BATCH_BYTES", int, 8 << 20, "Bytes of SQL sent to the slave per round trip (at most)"),
+    Key("MAIN", "BATCH_EVENTS", _whole(1), 5000, "Events sent to the slave per round trip"),
+    Key("MAIN", "BATCH_BYTES", _whole(1), 8 << 20, "Bytes of SQL sent to the slave per round trip (at most)"),
     Key("MAIN", "RETRY_MAX", _positive, 60.0, "Longest wait in seconds between retries after an error or a lost connection"),
     Key("SMTP", "SERVER", str, "", "SMTP server host[:port] for notifications; empty = no mail", "localhost:25"),
     Key("SMTP", "USERNAME", str, "", "SMTP login (optional; STARTTLS is used when the server offers it)"),
     Key("SMTP", "PASSWORD", str, "", "SMTP password"),
     Key("SMTP", "FROM_ADDR", str, "pyreplica@localhost", "Sender address"),
     Key("SMTP", "TO_ADDRS", _list(";"), [], "Recipients, ';'-separated", "dba@example.com;ops@example.com"),
-    Key("SMTP", "START_SUBJECT", str, "pyreplica %(name)s started", "Subject of the start mail"),
+    Key("SMTP", "START_SUBJECT", str, "pyreplica %(name)s started", "Subject of the start mail (%(name)s is NAME)"),
     Key("SMTP", "STOP_SUBJECT", str, "pyreplica %(name)s stopped", "Subject of the stop mail"),
     Key("SMTP", "ERROR_SUBJECT", str, "pyreplica %(name)s ERROR", "Subject of the error mail (one per outage)"),
     Key("SMTP", "WARNING_SUBJECT", str, "pyreplica %(name)s conflict", "Subject of the conflict-warning mail"),
@@ -128,14 +144,14 @@ def defaults():
 def load(path, environ=os.environ):
     """Read a config file; raise ConfigError naming file, key and what is allowed."""
     parser = configparser.ConfigParser(interpolation=None, strict=True)
-    parser.optionxform = str.upper
+    parser.optionxform = str.upper      # key names are case-insensitive, as in the original
     try:
         with open(path) as f:
             parser.read_file(f)
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config file: {e.strerror}") from None
     except configparser.Error as e:
-        raise ConfigError(f"{path}: not a valid config file: {e}") from None
+        raise ConfigError(f"{path}: not a valid config file: {_one_line(e)}") from None
     values = defaults()
     for section in parser.sections():
         if section not in ("MAIN", "SMTP"):
@@ -149,12 +165,15 @@ def load(path, environ=os.environ):
     return finish(Config(path, values), environ)
 
 
+def _one_line(error):
+    return " ".join(str(error).split())
+
+
 def _parse(path, key, raw):
     try:
         return key.parse(raw)
     except ValueError as e:
-        reason = str(e) if key.parse not in (int, str) else "expected a whole number"
-        raise ConfigError(f"{path}: bad value {raw!r} for {key.name} in [{key.section}]: {reason}") from None
+        raise ConfigError(f"{path}: bad value {raw!r} for {key.name} in [{key.section}]: {e}") from None
 
 
 def from_args(master_dsn, slave_dsn, environ=os.environ, **overrides):
@@ -181,18 +200,24 @@ def finish(config, environ):
 
 def sample_conf():
     """The text of sample.conf: every key, its default and one line of meaning."""
-    lines = ["# pyreplica: one file per slave, e.g. /etc/pyreplica/somedb.conf",
-             "# Every key with its default; uncomment and edit what you need.", ""]
+    lines = ["# pyreplica: one file per slave, e.g. /etc/pyreplica/somedb.conf (generated from pyreplica/config.py)",
+             "# Every key with its default; uncomment and edit what you need. Key names are case-insensitive.",
+             "# DSN0 and DSN1 are required (here, or DSN0/DSN1 in the environment).", ""]
     for section in ("MAIN", "SMTP"):
         lines.append(f"[{section}]")
         for key in (k for k in KEYS if k.section == section):
-            lines.append(f"# {key.help}")
-            default = key.default
-            if isinstance(default, list):
-                default = (";" if key.name == "TO_ADDRS" else ",").join(default)
-            if key.example and not default:
-                lines.append(f"{key.name} = {key.example}")
-            else:
-                lines.append(f"#{key.name} = {default}")
+            lines.extend(_sample_lines(key))
         lines.append("")
     return "\n".join(lines)
+
+
+def _sample_lines(key):
+    default = key.default
+    if isinstance(default, list):
+        default = (";" if key.name == "TO_ADDRS" else ",").join(default)
+    if key.name in ("DSN0", "DSN1", "NAME"):
+        return [f"# {key.help}", f"{key.name} = {key.example}"]
+    if key.example and default in ("", None):
+        # commented out: the example is not the default (which is empty)
+        return [f"# {key.help} (default: empty)", f"#{key.name} = {key.example}"]
+    return [f"# {key.help}", f"#{key.name} = {default}".rstrip()]
