@@ -33,12 +33,22 @@ INSERT INTO pyreplica.position (slave, snapshot, batch_id) VALUES ({slave}, {sna
 ON CONFLICT (slave) DO UPDATE SET snapshot = EXCLUDED.snapshot, batch_id = 0, applied = 0, updated_at = now();
 """
 
-# Objects of master-install.sql, by pg_restore's table-of-contents description: not for the slave.
-PYREPLICA_OBJECT = re.compile(
-    r" public (py_log_\w+|replica_(log|slaves|register_slave|confirm|prune|drop_slave)\b)"
-    r"|EVENT TRIGGER - py_log_replica_ddl|EXTENSION - plpython3u|COMMENT - EXTENSION plpython3u"
-    r"|^\d+; \d+ \d+ TRIGGER .*_replica_tg(_[udt])? ")
-TOC_LINE = re.compile(r"^(\d+); \d+ \d+ (?P<desc>[A-Z][A-Z ]*?) (?P<rest>.*)$")
+# Objects of master-install.sql, named in pg_restore's table of contents: not for the slave.
+OWN_NAMES = {"replica_log", "replica_log_id_seq", "replica_log_txid_idx", "replica_log_pkey", "replica_slaves",
+             "replica_slaves_pkey", "replica_register_slave", "replica_confirm", "replica_prune",
+             "replica_drop_slave", "plpython3u"}
+OWN_TRIGGER = re.compile(r"_replica_tg(_[udt])?$")
+
+
+def is_pyreplica_object(desc, rest):
+    tokens = [token.split("(", 1)[0] for token in rest.split(" ")]
+    if desc == "TRIGGER" and any(OWN_TRIGGER.search(token) for token in tokens):
+        return True
+    return any(token in OWN_NAMES or token.startswith("py_log_") for token in tokens)
+
+
+TOC_LINE = re.compile(r"^(\d+); \d+ \d+ (?P<desc>TABLE DATA|SEQUENCE SET|SEQUENCE OWNED BY|FK CONSTRAINT|"
+                      r"EVENT TRIGGER|DEFAULT ACL|MATERIALIZED VIEW DATA|[A-Z]+) (?P<rest>.*)$")
 
 
 def tool(name):
@@ -129,7 +139,7 @@ def write_restore_list(dump, listing, tables):
         if match is None:
             kept.append(line)
             continue
-        if PYREPLICA_OBJECT.search(line):
+        if is_pyreplica_object(match["desc"], match["rest"]):
             continue
         if match["desc"] == "TABLE DATA" and match["rest"].rsplit(" ", 1)[0] not in wanted_data:
             continue

@@ -279,7 +279,9 @@ def test_server_restarts_under_write_load(master, slave):
             slave.cluster.restart()
             time.sleep(2)
         wait_identical(master, slave, ["load"], timeout=120)
-        assert applied_on_slave(slave, "r1") == logged_total(master)
+        # writers killed by the restart consumed log ids, so the sequence has gaps here: compare the
+        # two sides' 2PC-kept counters instead
+        assert applied_on_slave(slave, "r1") == master.scalar("SELECT applied FROM replica_slaves")
         out = daemon.output
         assert daemon.stop() == 0
     assert out.count("lost connection") <= 2 or "cannot connect" in out, out[-3000:]
