@@ -45,6 +45,10 @@ def build_parser():
         cmd.add_argument("--json", action="store_true", help="machine-readable output")
 
     sub.add_parser("demo", help="two throw-away clusters: install, write, replicate, status, compare")
+
+    from .daemon import add_arguments as add_service_arguments
+    service = sub.add_parser("service", help="the service: one worker per CONF_DIR/*.conf, detached (init.d)")
+    add_service_arguments(service)
     return parser
 
 
@@ -118,8 +122,13 @@ def cmd_demo(args):
     return demo()
 
 
+def cmd_service(args):
+    from .daemon import main as service_main
+    return service_main(args)
+
+
 COMMANDS = {"run": cmd_run, "clone": cmd_clone, "drop-slave": cmd_drop_slave, "status": cmd_status,
-            "compare": cmd_compare, "demo": cmd_demo}
+            "compare": cmd_compare, "demo": cmd_demo, "service": cmd_service}
 
 
 def main(argv=None):
