@@ -1,5 +1,6 @@
 """Applying events on the slave: its schema `pyreplica`, its position, and the checked replay."""
 import os
+import re
 
 import psycopg2
 
@@ -30,7 +31,13 @@ ON CONFLICT (slave) DO UPDATE
        applied = p.applied + EXCLUDED.applied, updated_at = now()
 """
 
-APPLY_EVENTS = "SELECT pyreplica.apply_events(%s::bigint[], %s::text[], %s::text[], %s::text[])"
+APPLY_EVENTS = "SELECT pyreplica.apply_events(%s::bigint[], %s::text[], %s::text[], %s::text[], %s::int[])"
+
+# The head of an INSERT as the capture writes it: INSERT INTO "s"."t" (cols) [OVERRIDING ...] VALUES (
+_IDENT = r'(?:"(?:[^"]|"")*"|[a-z_][a-z0-9_$]*)'
+INSERT_HEAD = re.compile(rf"INSERT INTO {_IDENT}\.{_IDENT} \({_IDENT}(?:, {_IDENT})*\)"
+                         rf"(?: OVERRIDING SYSTEM VALUE)? VALUES (?=\()")
+MERGE_MAX_BYTES = 1 << 20
 
 
 class ApplyError(ReplicaError):
@@ -40,6 +47,7 @@ class ApplyError(ReplicaError):
         super().__init__(message, "slave")
         self.event = event
         self.conflict = conflict
+        self.merged = False     # the failing statement stood for several events
 
 
 def install(slave_conn):
@@ -64,16 +72,43 @@ def start_session(slave_cur):
             "GRANT SET ON PARAMETER session_replication_role TO <role> (PostgreSQL 15+)", "slave") from e
 
 
-def apply_chunk(slave_cur, events):
+def merge_inserts(events):
+    """Statements to run for events: consecutive INSERTs into one table become one multi-row INSERT.
+
+    Returns (first event id, op, relname, sql, rows expected) tuples. The row count check stays
+    exact (k rows for k events); only the event an error is pinned on gets coarser, which is why
+    a failed merged statement is retried unmerged (precise=True) to name the very event.
+    """
+    statements = []     # [first id, op, relname, [sql parts], rows, bytes]
+    head = None
+    for event in events:
+        match = INSERT_HEAD.match(event.sql) if event.op == "I" else None
+        last = statements[-1] if statements else None
+        if (match and last and head == match.group() and last[2] == event.relname
+                and last[5] < MERGE_MAX_BYTES):
+            values = event.sql[match.end():]
+            last[3].append(values)
+            last[4] += 1
+            last[5] += len(values)
+            continue
+        head = match.group() if match else None
+        statements.append([event.id, event.op, event.relname, [event.sql], 1, len(event.sql)])
+    return [(first, op, rel, ", ".join(parts), rows) for first, op, rel, parts, rows, _ in statements]
+
+
+def apply_chunk(slave_cur, events, precise=False):
     """Apply events in one round trip; raise ApplyError naming the failing event."""
+    statements = [(e.id, e.op, e.relname, e.sql, 1) for e in events] if precise else merge_inserts(events)
     try:
-        slave_cur.execute(APPLY_EVENTS, ([e.id for e in events], [e.op for e in events],
-                                         [e.relname for e in events], [e.sql for e in events]))
+        slave_cur.execute(APPLY_EVENTS, [list(column) for column in zip(*statements)])
     except psycopg2.DatabaseError as e:
         if not e.pgcode or e.pgcode.startswith(("08", "57P")):
             raise       # the connection, not the statement: the caller retries
-        # PR001: a row count other than 1; class 23: a constraint the slave's data violates
-        raise _apply_error(e, events, conflict=e.pgcode == "PR001" or e.pgcode.startswith("23")) from e
+        # PR001: a row count other than expected; class 23: a constraint the slave's data violates
+        error = _apply_error(e, events, conflict=e.pgcode == "PR001" or e.pgcode.startswith("23"))
+        error.merged = error.event is not None and any(
+            first == error.event.id and rows > 1 for first, _, _, _, rows in statements)
+        raise error from e
 
 
 def _apply_error(error, events, conflict):

@@ -25,7 +25,7 @@ SELECT id, txid::text, relname, op::text, sql, username::text
  ORDER BY id
 """
 
-FETCH_ROWS = 500   # rows per network fetch from the master's server-side cursor
+FETCH_ROWS = 2000  # rows per network fetch from the master's server-side cursor
 
 
 @dataclass

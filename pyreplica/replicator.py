@@ -154,6 +154,15 @@ class Replicator:
     # -- one batch ------------------------------------------------------------------------------
     def run_batch(self):
         """Replay what the master committed since the last batch. Returns the Batch, or None."""
+        try:
+            return self.try_batch(precise=False)
+        except apply.ApplyError as e:
+            if not e.merged:
+                raise
+        # a multi-row INSERT failed: replay the batch row by row to name the very event
+        return self.try_batch(precise=True)
+
+    def try_batch(self, precise):
         batch = batches.Batch(self.name, self.batch_id + 1, self.snapshot, None)
         self.worker.tpc_begin(batch.gid("master"))
         try:
@@ -164,7 +173,7 @@ class Replicator:
                 return None
             self.slave.tpc_begin(batch.gid("slave"))
             with self.slave.cursor() as cur:
-                self.apply_events(cur, batch)
+                self.apply_events(cur, batch, precise)
                 apply.write_position(cur, batch)
         except BaseException:
             self.abandon()
@@ -178,7 +187,7 @@ class Replicator:
         self.log.debug("Batch %s committed: %s events", batch.batch_id, batch.events)
         return batch
 
-    def apply_events(self, cur, batch):
+    def apply_events(self, cur, batch, precise):
         debug_statements = self.config.DEBUG_LEVEL >= 2
         for chunk in batches.stream_events(self.worker, batch, self.config.SKIP_USER,
                                            self.config.BATCH_EVENTS, self.config.BATCH_BYTES):
@@ -190,7 +199,7 @@ class Replicator:
             if debug_statements:
                 for event in chunk:
                     self.log.debug("Executing: %s", event.sql)
-            apply.apply_chunk(cur, chunk)
+            apply.apply_chunk(cur, chunk, precise)
             batch.events += len(chunk)
 
     def abandon(self):

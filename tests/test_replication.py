@@ -89,13 +89,18 @@ def test_conflict_stops_replay_names_event_and_resumes(master, slave):
     assert prepared_count(master) == prepared_count(slave) == 0
 
 
-def test_insert_violating_a_constraint_is_a_conflict(master, slave):
+def test_insert_violating_a_constraint_is_a_conflict_naming_the_very_event(master, slave):
     create_on_both(master, slave, "CREATE TABLE t (id int PRIMARY KEY, v text)", ["t"])
     slave.execute("INSERT INTO t VALUES (5, 'only on the slave')")
-    master.execute("INSERT INTO t VALUES (5, 'master')")
+    # one statement, three rows: the daemon merges them into one multi-row INSERT, yet the error
+    # must name the event of row 5
+    master.execute("INSERT INTO t VALUES (4, 'a'), (5, 'master'), (6, 'c')")
+    event = master.scalar("SELECT id FROM replica_log WHERE sql LIKE '%%''master''%%'")
     with Daemon(master, slave, name="s1") as daemon:
-        daemon.wait_for_output("error at event")
-        assert "(INSERT on public.t): duplicate key value violates unique constraint" in daemon.output
+        daemon.wait_for_output(f"error at event {event} (INSERT on public.t): duplicate key value violates "
+                               f"unique constraint \"t_pkey\"")
+        assert daemon.output.count("error at event") == 1, daemon.output
+        assert slave.execute("SELECT id FROM t") == [(5,)]
         slave.execute("DELETE FROM t")
         wait_identical(master, slave, ["t"], timeout=90)
 

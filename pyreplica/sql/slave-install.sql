@@ -11,9 +11,11 @@ CREATE TABLE IF NOT EXISTS pyreplica.position (
     updated_at timestamptz NOT NULL DEFAULT now()
 );
 
--- Apply a chunk of events in one round trip, checking each statement: an INSERT, UPDATE or
--- DELETE must touch exactly one row, else it is a conflict. Any error names the event.
-CREATE OR REPLACE FUNCTION pyreplica.apply_events(ids bigint[], ops text[], rels text[], stmts text[])
+-- Apply a chunk of statements in one round trip, checking each: an INSERT, UPDATE or DELETE must
+-- touch exactly rows[i] rows (1 for one event; k for k consecutive INSERTs merged into one
+-- multi-row INSERT), else it is a conflict. Any error names the (first) event of the statement.
+DROP FUNCTION IF EXISTS pyreplica.apply_events(bigint[], text[], text[], text[]);
+CREATE OR REPLACE FUNCTION pyreplica.apply_events(ids bigint[], ops text[], rels text[], stmts text[], rows int[])
 RETURNS int
 LANGUAGE plpgsql
 AS $fn$
@@ -28,10 +30,10 @@ BEGIN
         EXECUTE stmts[i];
         IF ops[i] IN ('I', 'U', 'D') THEN
             GET DIAGNOSTICS n = ROW_COUNT;
-            IF n <> 1 THEN
+            IF n <> rows[i] THEN
                 verb := CASE ops[i] WHEN 'I' THEN 'INSERT' WHEN 'U' THEN 'UPDATE' ELSE 'DELETE' END;
-                RAISE EXCEPTION 'conflict at event % (% on %): the % matched % rows on the slave, expected 1',
-                                ids[i], verb, rels[i], verb, n
+                RAISE EXCEPTION 'conflict at event % (% on %): the % matched % rows on the slave, expected %',
+                                ids[i], verb, rels[i], verb, n, rows[i]
                       USING ERRCODE = 'PR001', HINT = 'Make the row on the slave match the master''s, then replay resumes.';
             END IF;
         END IF;
