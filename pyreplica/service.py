@@ -22,7 +22,7 @@ from .daemon import conf_paths
 BACKOFF_MAX = 60.0       # longest wait before restarting a worker that keeps failing
 HEALTHY_AFTER = 60.0     # a worker that ran this long starts its backoff afresh
 STOP_TIMEOUT = 30.0      # SIGTERM -> SIGKILL for a worker that does not stop
-EXIT_MEANING = {0: "stopped by itself", 1: "a fatal error (server, install or config problem, see its log)",
+EXIT_MEANING = {0: "a clean stop", 1: "a fatal error (server, install or config problem, see its log)",
                 2: "a bad config"}
 PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -180,7 +180,10 @@ class Supervisor:
         for w in running:
             try:
                 code = w.proc.wait(max(0.1, deadline - time.monotonic()))
-                self.log.info("Worker %s stopped (%s)", w.name, describe_exit(code))
+                if code == 0:
+                    self.log.info("Worker %s stopped", w.name)
+                else:
+                    self.log.warning("Worker %s stopped with %s", w.name, describe_exit(code))
             except subprocess.TimeoutExpired:
                 w.proc.kill()
                 w.proc.wait()

@@ -1,0 +1,285 @@
+"""The service (DESIGN §7) for real: detached, pid file, the pyreplica user, one worker per conf,
+SIGHUP, SIGTERM, the init.d script through its /etc/init.d-style symlink, the systemd unit."""
+import configparser
+import os
+import pwd
+import shutil
+import signal
+import site
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+from conftest import fresh_db
+from replication import ROOT, create_on_both, prepared_count, wait_identical, wait_until
+
+SERVICE_USER = "pyreplica"
+TABLE = "CREATE TABLE t (id int PRIMARY KEY, v text)"
+
+
+# -- the environment the service needs ----------------------------------------------------------
+def service_user():
+    """The `pyreplica` OS user (created when missing, as the README says), or None when not root."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        return pwd.getpwnam(SERVICE_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", SERVICE_USER], check=True)
+        return pwd.getpwnam(SERVICE_USER)
+
+
+def python_env():
+    """PYTHONPATH that finds pyreplica and its dependencies whatever interpreter runs them."""
+    paths = [ROOT, *site.getsitepackages()]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(paths), PYTHONUNBUFFERED="1")
+
+
+def usable_python(user):
+    """An interpreter the service user may run: ours, else the system's of the same version (ours may
+    live under root's 0700 home, e.g. pyenv). The service refuses to start otherwise (tested below)."""
+    candidates = [sys.executable, f"/usr/bin/python3.{sys.version_info.minor}"]
+    for python in candidates:
+        if user is None:
+            return python
+        try:
+            probe = subprocess.run([python, "-c", "import psycopg2, daemon, pyreplica.service"], env=python_env(),
+                                   user=user.pw_uid, group=user.pw_gid, extra_groups=[], capture_output=True,
+                                   cwd="/")
+        except OSError:         # not even executable by that user
+            continue
+        if probe.returncode == 0:
+            return python
+    pytest.skip(f"no Python interpreter that user {user.pw_name} may run with psycopg2 and python-daemon")
+
+
+class Service:
+    """A service instance in a temp dir: conf dir, pid file (in a dir it must create), log, init.d link."""
+
+    def __init__(self):
+        self.user = service_user()
+        self.python = usable_python(self.user)
+        self.dir = tempfile.mkdtemp(prefix="pyreplica-service-")
+        os.chmod(self.dir, 0o755)
+        self.conf_dir = os.path.join(self.dir, "conf.d")
+        os.mkdir(self.conf_dir)
+        self.pidfile = os.path.join(self.dir, "run", "pyreplica.pid")
+        self.logfile = os.path.join(self.dir, "pyreplica.log")
+        os.mkdir(os.path.join(self.dir, "init.d"))
+        self.initd = os.path.join(self.dir, "init.d", "pyreplica")
+        os.symlink(os.path.join(ROOT, "pyreplica.sh"), self.initd)
+
+    def env(self):
+        return dict(python_env(), PYREPLICA=f"{self.python} -m pyreplica.cli", PYREPLICA_CONF_DIR=self.conf_dir,
+                    PYREPLICA_PIDFILE=self.pidfile, PYREPLICA_LOGFILE=self.logfile, PYREPLICA_USER=SERVICE_USER)
+
+    def init(self, action):
+        """/etc/init.d/pyreplica ACTION, through the symlink: (exit code, output)."""
+        result = subprocess.run([self.initd, action], env=self.env(), capture_output=True, text=True, timeout=90,
+                                cwd="/")
+        return result.returncode, result.stdout + result.stderr
+
+    def command(self, *args):
+        result = subprocess.run([self.python, "-m", "pyreplica.cli", "service", *args], env=python_env(),
+                                capture_output=True, text=True, timeout=60, cwd="/")
+        return result.returncode, result.stdout, result.stderr
+
+    def write_conf(self, name, master, slave, **extra):
+        keys = {"NAME": name, "SLAVE_FIELD": name, "DSN0": master.dsn, "DSN1": slave.dsn, "KEEPALIVE": 5,
+                "LOGFILE": self.logfile, **extra}
+        path = os.path.join(self.conf_dir, f"{name}.conf")
+        with open(path, "w") as f:
+            f.write("[MAIN]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items()))
+        return path
+
+    @property
+    def pid(self):
+        with open(self.pidfile) as f:
+            return int(f.read())
+
+    @property
+    def log(self):
+        with open(self.logfile) as f:
+            return f.read()
+
+    def wait_log(self, text, timeout=30):
+        wait_until(lambda: text in self.log, timeout, message=f"{text!r} in the service log:\n{self.log[-3000:]}")
+
+    def processes(self):
+        """Pids of every process, service or worker, started for this temp dir."""
+        found = []
+        for entry in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if self.dir.encode() in f.read():
+                        found.append(int(entry))
+            except (OSError, ValueError):
+                continue
+        return found
+
+    def worker_pid(self, name):
+        conf = os.path.join(self.conf_dir, f"{name}.conf").encode()
+        for pid in self.processes():
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f.read().split(b"\0")[-2:-1] == [conf]:
+                    return pid
+        return None
+
+    def cleanup(self):
+        for pid in self.processes():        # only what this test started, should it have failed
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def owner_uid(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("Uid:"))
+
+
+@pytest.fixture
+def service():
+    svc = Service()
+    yield svc
+    svc.cleanup()
+
+
+@pytest.fixture
+def slave3(slave_cluster):
+    db = fresh_db(slave_cluster, "s")
+    yield db
+    slave_cluster.dropdb(db.name)
+
+
+@pytest.fixture
+def master2(master_cluster):
+    """A second replica set's master (a new slave of `master` would need pyreplica clone)."""
+    db = fresh_db(master_cluster, "m")
+    db.install_master()
+    yield db
+    master_cluster.dropdb(db.name)
+
+
+# -- the tests ----------------------------------------------------------------------------------
+def test_service_replicates_per_conf_reloads_restarts_and_stops_cleanly(service, master, slave, slave2, master2,
+                                                                      slave3):
+    slave2.execute(TABLE)
+    create_on_both(master, slave, TABLE, ["t"])
+    create_on_both(master2, slave3, TABLE, ["t"])
+    master2.execute("INSERT INTO t VALUES (1, 'written before c.conf existed')")
+    service.write_conf("a", master, slave)
+    service.write_conf("b", master, slave2)
+
+    rc, out = service.init("start")
+    assert rc == 0, out + service.log
+    pid = service.pid
+    assert service.init("status") == (0, f"pyreplica is running (pid {pid})\n")
+    if service.user:
+        assert owner_uid(pid) == service.user.pw_uid, "the service did not drop to the pyreplica user"
+    # two new slaves of one master: write once both are registered (a slave seen for the first time
+    # starts at the oldest event still in the log, and the first one's confirmations prune it)
+    wait_until(lambda: master.scalar("SELECT count(*) FROM replica_slaves") == 2, message="a and b registered")
+    master.execute("INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 100) g")
+    wait_identical(master, slave, ["t"])
+    wait_identical(master, slave2, ["t"])
+
+    # a second start is refused while the first runs; the init script's start is a no-op
+    rc, _, err = service.command("--conf-dir", service.conf_dir, "--pidfile", service.pidfile,
+                                 "--logfile", service.logfile, "--user", SERVICE_USER)
+    assert (rc, err) == (1, f"pyreplica: already running (pid {pid}, pid file {service.pidfile})\n")
+
+    # SIGHUP after adding a conf: it starts replicating; removing one stops its worker
+    service.write_conf("c", master2, slave3)
+    os.unlink(os.path.join(service.conf_dir, "b.conf"))
+    assert service.init("reload")[0] == 0
+    service.wait_log("Worker b stopped")
+    master.execute("UPDATE t SET v = 'after reload' WHERE id <= 10")
+    master2.execute("INSERT INTO t VALUES (2, 'after reload')")
+    wait_identical(master2, slave3, ["t"])
+    wait_identical(master, slave, ["t"])
+    assert slave2.scalar("SELECT count(*) FROM t WHERE v = 'after reload'") == 0
+
+    # a worker that dies is restarted (with backoff) and the others never notice
+    os.kill(service.worker_pid("a"), signal.SIGKILL)
+    service.wait_log("Worker a exited with signal SIGKILL; restarting it in 1 s")
+    master.execute("DELETE FROM t WHERE id > 90")
+    master2.execute("UPDATE t SET v = 'while a restarts'")
+    wait_identical(master, slave, ["t"])
+    wait_identical(master2, slave3, ["t"])
+
+    # SIGTERM (init.d stop): every worker stops, nothing is left behind
+    assert service.init("stop")[0] == 0
+    assert service.processes() == []
+    assert not os.path.exists(service.pidfile)
+    assert service.init("status") == (3, "pyreplica is not running\n")
+    for db in (master, slave, slave2, master2, slave3):
+        assert prepared_count(db) == 0, db
+    lines = service.log.splitlines()
+    assert lines[-1].endswith(" Service stopped")
+    # each worker logs in the guide's format under its NAME; b stopped at the reload, a and c now
+    stopped = sorted(line.split()[0] for line in lines if line.endswith(" Stopped"))
+    assert stopped == ["a", "b", "c"]
+    assert any(line.startswith("c ") and line.endswith("Opening origin (master) connection") for line in lines)
+
+
+def test_stale_pid_file_is_replaced_and_status_codes(service):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    os.makedirs(os.path.dirname(service.pidfile))
+    if service.user:
+        os.chown(os.path.dirname(service.pidfile), service.user.pw_uid, service.user.pw_gid)
+    with open(service.pidfile, "w") as f:
+        f.write(f"{dead.pid}\n")
+    assert service.init("status") == (1, f"pyreplica is not running, but its pid file {service.pidfile} remains\n")
+    rc, out = service.init("start")
+    assert rc == 0, out
+    assert service.pid != dead.pid and service.init("status")[0] == 0
+    assert "No *.conf in" in service.log
+    assert service.init("stop")[0] == 0
+    assert service.init("status")[0] == 3 and service.processes() == []
+
+
+def test_bad_conf_refuses_to_start(service, master, slave):
+    path = service.write_conf("bad", master, slave, DEBUG_LEVEL=9)
+    rc, out, err = service.command("--conf-dir", service.conf_dir, "--pidfile", service.pidfile,
+                                   "--logfile", service.logfile, "--user", SERVICE_USER)
+    assert (rc, err) == (2, f"pyreplica: {path}: bad value '9' for DEBUG_LEVEL in [MAIN]: expected 0, 1, 2 or 3\n")
+    assert service.init("start")[0] == 6          # LSB: program is not configured
+    assert service.processes() == [] and not os.path.exists(service.pidfile)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+def test_missing_service_user_is_named_with_the_command_that_creates_it(service):
+    rc, out, err = service.command("--conf-dir", service.conf_dir, "--pidfile", service.pidfile,
+                                   "--user", "pyreplica_no_such_user")
+    assert (rc, err) == (1, "pyreplica: the OS user 'pyreplica_no_such_user' does not exist: create it with "
+                            "`useradd --system --no-create-home pyreplica_no_such_user` (or choose one with --user)\n")
+
+
+def test_systemd_unit():
+    with open(os.path.join(ROOT, "pyreplica@.service")) as f:
+        text = f.read()
+    unit = configparser.ConfigParser(interpolation=None, strict=False)
+    unit.optionxform = str
+    unit.read_string(text)
+    svc = unit["Service"]
+    assert svc["ExecStart"].endswith("pyreplica run -c /etc/pyreplica/%i.conf")
+    assert (svc["User"], svc["Restart"], svc["KillSignal"], svc["Type"]) == ("pyreplica", "on-failure", "SIGTERM",
+                                                                             "simple")
+    assert unit["Install"]["WantedBy"] == "multi-user.target"
+    if shutil.which("systemd-analyze") is None:
+        return
+    with tempfile.TemporaryDirectory() as d:
+        # verify an instance; the command must exist, so point it at this checkout's when not installed
+        command = svc["ExecStart"].split()[0]
+        if not os.path.exists(command):
+            text = text.replace(command, os.path.join(ROOT, ".venv", "bin", "pyreplica"))
+        instance = os.path.join(d, "pyreplica@somedb.service")
+        with open(instance, "w") as f:
+            f.write(text)
+        result = subprocess.run(["systemd-analyze", "verify", instance], capture_output=True, text=True, cwd=d)
+        assert result.returncode == 0, result.stderr
