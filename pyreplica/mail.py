@@ -1,17 +1,23 @@
 """Notification mail (DESIGN §7): start, stop, error and conflict warning, through [SMTP].
 
-Login is optional; STARTTLS is used when the server offers it. A failure to send is logged and
-never stops replication.
+Login is optional; STARTTLS is used when the server offers it. Mails are sent by a background
+thread, in order, so that a slow, hanging or dead SMTP server never holds up replication; a failure
+to send is logged, never raised. Mails still queued at exit (the stop mail) get a bounded wait.
 """
+import atexit
+import queue
 import smtplib
 import socket
+import threading
+import time
 from email.message import EmailMessage
 
 from . import log
 
 SUBJECT_KEYS = {"start": "START_SUBJECT", "stop": "STOP_SUBJECT", "error": "ERROR_SUBJECT",
                 "warning": "WARNING_SUBJECT"}
-TIMEOUT = 20
+TIMEOUT = 10            # seconds per SMTP network operation
+EXIT_WAIT = 10          # at exit, the longest wait for queued mails (a hung server must not hang the stop)
 
 
 class Mailer:
@@ -21,6 +27,8 @@ class Mailer:
         self.username, self.password = username, password
         self.from_addr, self.to_addrs = from_addr, to_addrs
         self.subjects, self.name = subjects, name
+        self._queue = queue.Queue()
+        self._thread = None
 
     @classmethod
     def from_config(cls, config, name):
@@ -41,7 +49,29 @@ class Mailer:
         return msg
 
     def send(self, kind, body=""):
-        """Send one mail; returns True on success. Never raises."""
+        """Queue one mail for the background sender. Never blocks on the SMTP server, never raises."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._sender, name="pyreplica-mail", daemon=True)
+            self._thread.start()
+            atexit.register(self.flush)
+        self._queue.put((kind, body))
+
+    def _sender(self):
+        while True:
+            kind, body = self._queue.get()
+            try:
+                self.deliver(kind, body)
+            finally:
+                self._queue.task_done()
+
+    def flush(self, timeout=EXIT_WAIT):
+        """Wait, at most `timeout` seconds, for the queued mails to be sent (or given up)."""
+        deadline = time.monotonic() + timeout
+        while self._queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def deliver(self, kind, body=""):
+        """Send one mail now; returns True on success. Never raises."""
         try:
             with smtplib.SMTP(self.host, self.port, timeout=TIMEOUT) as smtp:
                 smtp.ehlo()

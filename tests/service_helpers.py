@@ -50,6 +50,13 @@ def usable_python(user):
     pytest.skip(f"no Python interpreter that user {user.pw_name} may run with psycopg2 and python-daemon")
 
 
+def conf_text(main, smtp=None):
+    text = "[MAIN]\n" + "".join(f"{k} = {v}\n" for k, v in main.items())
+    if smtp:
+        text += "[SMTP]\n" + "".join(f"{k} = {v}\n" for k, v in smtp.items())
+    return text
+
+
 class Service:
     """A service instance in a temp dir: conf dir, pid file (in a dir it must create), log, init.d link."""
 
@@ -81,12 +88,12 @@ class Service:
                                 capture_output=True, text=True, timeout=60, cwd="/")
         return result.returncode, result.stdout, result.stderr
 
-    def write_conf(self, name, master, slave, **extra):
+    def write_conf(self, name, master, slave, smtp=None, **extra):
         keys = {"NAME": name, "SLAVE_FIELD": name, "DSN0": master.dsn, "DSN1": slave.dsn, "KEEPALIVE": 5,
                 "LOGFILE": self.logfile, **extra}
         path = os.path.join(self.conf_dir, f"{name}.conf")
         with open(path, "w") as f:
-            f.write("[MAIN]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items()))
+            f.write(conf_text(keys, smtp))
         return path
 
     @property
