@@ -99,7 +99,7 @@ KEYS = [
     Key("MAIN", "SLAVE_FIELD", _slave_name, "", "This slave's name on the master (default: NAME, else the slave's database name)"),
     Key("MAIN", "SKIP_USER", str, "", "Events written by this PostgreSQL user are not replayed (multi-master: the replication user)"),
     Key("MAIN", "KEEPALIVE", _keepalive, 60, "Seconds without NOTIFY after which the log is checked anyway (true = 60, 0 = never)"),
-    Key("MAIN", "DEBUG_LEVEL", _debug_level, 1, "0 errors only, 1 connections and batches, 2 every statement, 3 tracebacks too"),
+    Key("MAIN", "DEBUG_LEVEL", _debug_level, 1, "0 warnings and errors, 1 connections and batches, 2 every statement, 3 tracebacks too"),
     Key("MAIN", "LOGFILE", str, "/var/log/pyreplica.log",
         "Log file of this worker under the service (`pyreplica run` logs to the terminal / journal)"),
     Key("MAIN", "PIDFILE", str, "", "Pid file of this worker under the service, removed when it stops; empty = none", "/run/pyreplica/somedb.pid"),
