@@ -80,18 +80,23 @@ def merge_inserts(events):
     a failed merged statement is retried unmerged (precise=True) to name the very event.
     """
     statements = []     # [first id, op, relname, [sql parts], rows, bytes]
-    head = None
+    heads = {}          # relname -> its INSERT head, checked with startswith (cheaper than the regex)
+    previous_head = None
     for event in events:
-        match = INSERT_HEAD.match(event.sql) if event.op == "I" else None
+        head = None
+        if event.op == "I":
+            head = heads.get(event.relname)
+            if head is None or not event.sql.startswith(head):
+                match = INSERT_HEAD.match(event.sql)
+                head = heads[event.relname] = match.group() if match else None
         last = statements[-1] if statements else None
-        if (match and last and head == match.group() and last[2] == event.relname
-                and last[5] < MERGE_MAX_BYTES):
-            values = event.sql[match.end():]
+        if head and head == previous_head and last[2] == event.relname and last[5] < MERGE_MAX_BYTES:
+            values = event.sql[len(head):]
             last[3].append(values)
             last[4] += 1
             last[5] += len(values)
             continue
-        head = match.group() if match else None
+        previous_head = head
         statements.append([event.id, event.op, event.relname, [event.sql], 1, len(event.sql)])
     return [(first, op, rel, ", ".join(parts), rows) for first, op, rel, parts, rows, _ in statements]
 

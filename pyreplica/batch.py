@@ -79,3 +79,61 @@ def stream_events(master_conn, batch, skip_user=None, max_events=5000, max_bytes
                 chunk, size = [], 0
         if chunk:
             yield chunk
+
+
+class ReadAhead:
+    """Iterate a generator in a background thread, at most `depth` items ahead.
+
+    Lets the master's cursor fetch the next chunk while the slave applies this one (psycopg2
+    releases the GIL while it waits on the network). Memory stays bounded by depth chunks. Use as a
+    context manager: on exit the thread is stopped and joined, so the master connection is free
+    again before anyone rolls it back.
+    """
+    _DONE = object()
+
+    def __init__(self, generator, depth=2):
+        import queue
+        import threading
+        self.generator = generator
+        self.queue = queue.Queue(maxsize=depth)
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._produce, name="pyreplica-read-ahead", daemon=True)
+
+    def _put(self, item):
+        import queue
+        while not self.stopping.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self):
+        try:
+            for item in self.generator:
+                if not self._put((item, None)):
+                    break
+        except BaseException as error:      # handed to the consumer, raised there
+            self._put((None, error))
+            return
+        finally:
+            self.generator.close()
+        self._put((self._DONE, None))
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __iter__(self):
+        while True:
+            item, error = self.queue.get()
+            if error is not None:
+                raise error
+            if item is self._DONE:
+                return
+            yield item
+
+    def __exit__(self, *exc):
+        self.stopping.set()
+        self.thread.join()

@@ -189,18 +189,20 @@ class Replicator:
 
     def apply_events(self, cur, batch, precise):
         debug_statements = self.config.DEBUG_LEVEL >= 2
-        for chunk in batches.stream_events(self.worker, batch, self.config.SKIP_USER,
-                                           self.config.BATCH_EVENTS, self.config.BATCH_BYTES):
-            if self.stop_requested:
-                raise Stopping()
-            chunk = self.pipeline(chunk)
-            if not chunk:
-                continue
-            if debug_statements:
-                for event in chunk:
-                    self.log.debug("Executing: %s", event.sql)
-            apply.apply_chunk(cur, chunk, precise)
-            batch.events += len(chunk)
+        events = batches.stream_events(self.worker, batch, self.config.SKIP_USER,
+                                       self.config.BATCH_EVENTS, self.config.BATCH_BYTES)
+        with batches.ReadAhead(events) as chunks:
+            for chunk in chunks:
+                if self.stop_requested:
+                    raise Stopping()
+                chunk = self.pipeline(chunk)
+                if not chunk:
+                    continue
+                if debug_statements:
+                    for event in chunk:
+                        self.log.debug("Executing: %s", event.sql)
+                apply.apply_chunk(cur, chunk, precise)
+                batch.events += len(chunk)
 
     def abandon(self):
         """Roll back the batch in flight (nothing of it is prepared yet)."""

@@ -152,9 +152,12 @@ def test_two_slaves_pruning_keeps_what_the_slower_needs(master, slave, slave2):
     create_on_both(master, slave, ddl, ["t"])
     slave2.execute(ddl)
     master.execute("INSERT INTO t SELECT g, 'a' FROM generate_series(1, 100) g")
-    # register the slow slave, then let it stay away
-    with Daemon(master, slave2, name="slow"):
+    # both slaves registered before either prunes (a slave seen for the first time starts at the
+    # oldest event still in the log); both replicate the inserts; then the slow one stays away
+    master.execute("SELECT replica_register_slave('slow'), replica_register_slave('fast')")
+    with Daemon(master, slave2, name="slow"), Daemon(master, slave, name="fast"):
         wait_identical(master, slave2, ["t"])
+        wait_identical(master, slave, ["t"])
     with Daemon(master, slave, name="fast", keepalive=1) as fast:
         master.execute("UPDATE t SET v = 'b'")
         wait_identical(master, slave, ["t"])
