@@ -23,6 +23,8 @@ REGISTER = "SELECT public.replica_register_slave(%s)::text"
 REGISTERED = "SELECT batch_id FROM public.replica_slaves WHERE name = %s"
 PRUNE = "SELECT public.replica_prune(%s)"
 TOUCH = "UPDATE public.replica_slaves SET last_contact = now() WHERE name = %s"
+# One daemon per slave: a second one would apply the same batches again.
+SLAVE_LOCK = "SELECT pg_try_advisory_lock(hashtext('pyreplica slave ' || %s))"
 
 # Tables the master captures, with the columns a logged statement may name.
 CAPTURED_TABLES = """
@@ -94,6 +96,9 @@ class Replicator:
         self.slave = connect(self.config.DSN1, "slave")
         self.slave.autocommit = True
         twophase.check_prepared_transactions(self.slave, "slave")
+        if not fetch_one(self.slave, SLAVE_LOCK, (self.name,)):
+            raise ReplicaError(f"another pyreplica is already replicating into this slave as {self.name}: "
+                               f"stop it first (one daemon per slave)", "slave")
         apply.install(self.slave)
         with self.slave.cursor() as cur:
             apply.start_session(cur)

@@ -99,3 +99,14 @@ def test_usage_errors_exit_2(args, message):
 def test_unknown_command_exits_2():
     rc, out, err = run_cli("replicate")
     assert rc == 2 and "invalid choice: 'replicate'" in err
+
+
+def test_a_second_daemon_for_the_same_slave_is_refused(master, slave):
+    from replication import Daemon
+    create_on_both(master, slave, "CREATE TABLE t (id int PRIMARY KEY)", ["t"])
+    with Daemon(master, slave, name="e1") as first:
+        first.wait_for_output("Waiting for 'NOTIFY'")
+        rc, lines = run_once(master.dsn, slave.dsn)
+    assert rc == 1
+    assert last_line(lines) == ("slave: another pyreplica is already replicating into this slave as e1: "
+                                "stop it first (one daemon per slave)")
