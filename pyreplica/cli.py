@@ -53,14 +53,18 @@ def build_parser():
 
 
 def load_config(args):
+    """The config file (-c) or the DSNs given; `run`'s options override either."""
     if args.config:
         if args.master or args.slave:
             raise ConfigError("give either -c CONF or the connection strings, not both")
-        return configuration.load(args.config)
-    return configuration.from_args(args.master, args.slave,
-                                   DEBUG_LEVEL=getattr(args, "debug_level", None),
-                                   SKIP_USER=getattr(args, "skip_user", None),
-                                   KEEPALIVE=getattr(args, "keepalive", None))
+        config = configuration.load(args.config)
+    else:
+        config = configuration.from_args(args.master, args.slave)
+    for option in ("debug_level", "skip_user", "keepalive"):
+        value = getattr(args, option, None)
+        if value is not None:
+            config.values[("MAIN", option.upper())] = value
+    return config
 
 
 def slave_name(args, config):
@@ -81,8 +85,6 @@ def cmd_run(args):
     from .mail import Mailer
     from .replicator import Replicator
     config = load_config(args)
-    if args.config is None and args.debug_level is not None:
-        config.values[("MAIN", "DEBUG_LEVEL")] = args.debug_level
     name = slave_name(args, config)
     log.setup(config.NAME or name, config.DEBUG_LEVEL)
     return Replicator(config, name, Mailer.from_config(config, name)).run()
