@@ -13,6 +13,7 @@ import glob
 import logging.handlers
 import os
 import pwd
+import select
 import signal
 import sys
 
@@ -162,9 +163,10 @@ def check_can_run(args, who):
                            f"where that user can read it (e.g. a virtualenv under /opt), or choose --user")
     if not os.path.isdir(args.conf_dir) or not os.access(args.conf_dir, os.R_OK | os.X_OK):
         raise ServiceError(f"cannot read the config directory {args.conf_dir} as user {who}")
+    from .service import load_conf
     for path in conf_paths(args.conf_dir):
         try:
-            configuration.load(path)
+            load_conf(path)
         except configuration.ConfigError as e:
             raise ServiceError(str(e), EXIT_CONFIG) from None
     for path in {args.logfile} | worker_logfiles(args.conf_dir):
@@ -239,7 +241,6 @@ def start_detached(args):
 
 
 def read_answer(fd):
-    import select
     chunks = []
     while select.select([fd], [], [], READY_TIMEOUT)[0]:
         chunk = os.read(fd, 4096)
@@ -267,7 +268,9 @@ def serve(args, ready, detach):
     context = daemon.DaemonContext(
         detach_process=detach, pidfile=PidFile(args.pidfile), umask=0o027, working_directory="/",
         files_preserve=[fd for fd in (ready, logstream) if fd is not None],
-        stdout=logstream if detach else None, stderr=logstream if detach else None,
+        # detached: stray output to the log; in the foreground keep the terminal (else it is closed)
+        stdin=None if detach else sys.stdin, stdout=logstream if detach else sys.stdout,
+        stderr=logstream if detach else sys.stderr,
         signal_map={signal.SIGTERM: supervisor.request_stop, signal.SIGINT: supervisor.request_stop,
                     signal.SIGHUP: supervisor.request_reload, signal.SIGTSTP: None, signal.SIGTTIN: None,
                     signal.SIGTTOU: None})

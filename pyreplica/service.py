@@ -135,7 +135,7 @@ class Supervisor:
 
     def start(self, w):
         try:
-            config = configuration.load(w.conf)
+            config, _ = load_conf(w.conf)
         except configuration.ConfigError as e:
             w.held = str(e)
             self.log.error("Worker %s not started: %s (fix it, then reload)", w.name, e)
@@ -203,15 +203,20 @@ def describe_exit(code):
 
 
 # -- the worker process ----------------------------------------------------------------------------
+def load_conf(path):
+    """(config, slave name) of a worker, exactly as `pyreplica run -c PATH` would get them."""
+    from .cli import slave_name
+    config = configuration.load(path)
+    return config, slave_name(types.SimpleNamespace(name=None), config)
+
+
 def worker_main(conf):
     """One replication worker: the console run's Replicator, logging to the conf's LOGFILE."""
-    from .cli import slave_name
     from .mail import Mailer
     from .replicator import Replicator
     signal.signal(signal.SIGHUP, signal.SIG_IGN)    # the supervisor's business; the log follows renames
     try:
-        config = configuration.load(conf)
-        name = slave_name(types.SimpleNamespace(name=None), config)
+        config, name = load_conf(conf)
     except configuration.ConfigError as e:
         print(f"pyreplica: {e}", file=sys.stderr)
         return 2

@@ -44,7 +44,8 @@ def test_service_replicates_per_conf_reloads_restarts_and_stops_cleanly(service,
     create_on_both(master, slave, TABLE, ["t"])
     create_on_both(master2, slave3, TABLE, ["t"])
     master2.execute("INSERT INTO t VALUES (1, 'written before c.conf existed')")
-    service.write_conf("a", master, slave)
+    worker_pidfile = os.path.join(service.dir, "run", "a.pid")
+    service.write_conf("a", master, slave, PIDFILE=worker_pidfile)
     service.write_conf("b", master, slave2)
 
     rc, out = service.init("start")
@@ -77,6 +78,8 @@ def test_service_replicates_per_conf_reloads_restarts_and_stops_cleanly(service,
     assert slave2.scalar("SELECT count(*) FROM t WHERE v = 'after reload'") == 0
 
     # a worker that dies is restarted (with backoff) and the others never notice
+    with open(worker_pidfile) as f:
+        assert int(f.read()) == service.worker_pid("a")
     os.kill(service.worker_pid("a"), signal.SIGKILL)
     service.wait_log("Worker a exited with signal SIGKILL; restarting it in 1 s")
     master.execute("DELETE FROM t WHERE id > 90")
@@ -87,7 +90,7 @@ def test_service_replicates_per_conf_reloads_restarts_and_stops_cleanly(service,
     # SIGTERM (init.d stop): every worker stops, nothing is left behind
     assert service.init("stop")[0] == 0
     assert service.processes() == []
-    assert not os.path.exists(service.pidfile)
+    assert not os.path.exists(service.pidfile) and not os.path.exists(worker_pidfile)
     assert service.init("status") == (3, "pyreplica is not running\n")
     for db in (master, slave, slave2, master2, slave3):
         assert prepared_count(db) == 0, db
