@@ -14,6 +14,6 @@ from pyreplica.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     argv = sys.argv[1:]
-    if not argv or argv[0] not in ("run", "clone", "drop-slave", "status", "compare", "demo", "-h", "--help"):
+    if not argv or argv[0] not in ("run", "clone", "drop-slave", "status", "compare", "demo", "service", "-h", "--help"):
         argv = ["run", *argv]
     sys.exit(main(argv))
