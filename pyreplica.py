@@ -10,10 +10,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from pyreplica.cli import main  # noqa: E402
+from pyreplica.cli import COMMANDS, main  # noqa: E402
 
 if __name__ == "__main__":
     argv = sys.argv[1:]
-    if not argv or argv[0] not in ("run", "clone", "drop-slave", "status", "compare", "demo", "service", "-h", "--help"):
+    if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
         argv = ["run", *argv]
     sys.exit(main(argv))
