@@ -20,6 +20,9 @@ TIMEOUT = 10            # seconds per SMTP network operation
 EXIT_WAIT = 10          # at exit, the longest wait for queued mails (a hung server must not hang the stop)
 
 
+LOOPBACK = ("localhost", "127.0.0.1", "::1")
+
+
 class Mailer:
     def __init__(self, server, username, password, from_addr, to_addrs, subjects, name):
         host, _, port = server.partition(":")
@@ -75,9 +78,12 @@ class Mailer:
         try:
             with smtplib.SMTP(self.host, self.port, timeout=TIMEOUT) as smtp:
                 smtp.ehlo()
-                if smtp.has_extn("starttls"):
+                encrypted = smtp.has_extn("starttls")
+                if encrypted:
                     smtp.starttls()
                     smtp.ehlo()
+                if self.username and not encrypted and self.host not in LOOPBACK:
+                    raise smtplib.SMTPException("the server offers no STARTTLS: not sending the password in clear")
                 if self.username:
                     smtp.login(self.username, self.password)
                 smtp.send_message(self.message(kind, body))
