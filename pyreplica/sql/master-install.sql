@@ -29,7 +29,17 @@ BEGIN
 END
 $check$;
 
-CREATE EXTENSION IF NOT EXISTS plpython3u;
+-- PL/Python. If this script creates it, it says so in the extension's comment, and
+-- master-uninstall.sql drops it again (when nothing else uses it); one already there is left alone.
+DO $lang$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_extension WHERE extname = 'plpython3u') THEN
+        CREATE EXTENSION plpython3u;
+        COMMENT ON EXTENSION plpython3u IS
+            'PL/Python3U untrusted procedural language (created by pyreplica master-install.sql)';
+    END IF;
+END
+$lang$;
 
 -- ---------------------------------------------------------------------------------------------
 -- The log. One row per row change (or per TRUNCATE, or per administrator's statement).
@@ -111,9 +121,11 @@ BEGIN
      WHERE i.indrelid = rel AND i.indisprimary;
 
     IF op = 'T' THEN
+        -- CASCADE: a TRUNCATE that succeeded here truncated every table referencing this one too,
+        -- and on a slave with the same schema a plain TRUNCATE of it would fail on those foreign keys.
         RETURN format($q$INSERT INTO public.replica_log (txid, relname, op, sql)
                          VALUES (pg_current_xact_id(), %L, 'T', %L)$q$,
-                      target, 'TRUNCATE ' || target);
+                      target, 'TRUNCATE ' || target || ' CASCADE');
     END IF;
     IF pk IS NULL THEN
         RAISE EXCEPTION 'pyreplica: table % has no primary key and cannot be replicated', target;
@@ -121,7 +133,8 @@ BEGIN
 
     IF op = 'I' THEN
         -- INSERT INTO t (a, b) VALUES ('1', 'x')
-        stmt := format($q$%L || concat_ws(', ', %s) || ')'$q$,
+        -- (ARRAY[...], not concat_ws(...): a function call takes at most 100 arguments)
+        stmt := format($q$%L || array_to_string(ARRAY[%s], ', ') || ')'$q$,
                        format('INSERT INTO %s (%s)%s VALUES (', target, array_to_string(cols, ', '), overriding),
                        (SELECT string_agg(format('format(''%%L'', n.%s)', c), ', ') FROM unnest(cols) c));
         RETURN format($q$INSERT INTO public.replica_log (txid, relname, op, sql)
@@ -139,7 +152,7 @@ BEGIN
         -- so the k-th row of one is the k-th row of the other, even when the primary key changed.
         -- Values are compared by their text form, which works for every type (json has no "=")
         -- and sees changes "=" would hide (1.0 -> 1.00).
-        stmt := format($q$concat_ws(', ', %s)$q$,
+        stmt := format($q$array_to_string(ARRAY[%s], ', ')$q$,
                        (SELECT string_agg(format($e$CASE WHEN format('%%L', o.%1$s) IS DISTINCT FROM format('%%L', n.%1$s) THEN %2$L || format('%%L', n.%1$s) END$e$, c, c || ' = '), ', ')
                           FROM unnest(cols) c));
         RETURN format($q$INSERT INTO public.replica_log (txid, relname, op, sql)
@@ -187,64 +200,67 @@ if plpy.execute(plan[0]).nrows() > 0 or TD["event"] == "TRUNCATE":
     plpy.execute(plan[1])
 $py$;
 
--- The signature of a table's columns: it changes when a column is added, dropped, renamed or
--- retyped, or the primary key changes.
+-- The signature of what a table's capture query is made of: it changes when the table is renamed
+-- or moved to another schema, a column is added, dropped, renamed or retyped, becomes generated or
+-- an identity, or the primary key changes.
 CREATE OR REPLACE FUNCTION public.py_log_signature(rel regclass)
 RETURNS text
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
-    SELECT md5(coalesce(string_agg(format('%s:%s:%s:%s:%s', attnum, attname, atttypid, atttypmod, attgenerated), ',' ORDER BY attnum), '')
+    SELECT md5(rel::text || ':'
+               || coalesce(string_agg(format('%s:%s:%s:%s:%s:%s', attnum, attname, atttypid, atttypmod, attgenerated, attidentity), ',' ORDER BY attnum), '')
                || coalesce((SELECT indkey::text FROM pg_index WHERE indrelid = rel AND indisprimary), ''))
       FROM pg_attribute
      WHERE attrelid = rel AND attnum > 0 AND NOT attisdropped;
 $fn$;
 
--- Resolve a table name as the install guide's query passes it: 'name', 'schema.name', quoted or
--- mixed case. A bare name found in one schema only is that table even off the search_path.
--- Returns the table, or NULL and a message saying what is wrong.
+-- Resolve a table name as the install guide's query passes it (pg_class.relname as it is, whatever
+-- its case, spaces or dots) or as a person types it ('name', 'schema.name', "Quoted"."Names").
+-- A bare name found in one schema only is that table even off the search_path; a bare name found
+-- in several schemas is a problem, not a guess. Temporary tables are not candidates (a slave has
+-- none of them). Returns the table, or NULL and a line saying what is wrong.
 CREATE OR REPLACE FUNCTION public.py_log_resolve(tablename text, OUT rel regclass, OUT problem text)
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
-    parts text[];
-    hits  int;
+    parts   text[];
+    bare    text;
+    schemas text[];
 BEGIN
-    BEGIN
-        parts := parse_ident(tablename);
-    EXCEPTION WHEN others THEN
-        problem := format('table %s: not a valid table name', tablename);
-        RETURN;
-    END;
-    IF array_length(parts, 1) = 2 THEN
-        SELECT c.oid INTO rel FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-         WHERE n.nspname = parts[1] AND c.relname = parts[2] AND c.relkind IN ('r', 'p');
-    ELSIF array_length(parts, 1) = 1 THEN
-        -- on the search_path first, as PostgreSQL would resolve it
-        rel := to_regclass(quote_ident(parts[1]));
-        IF rel IS NOT NULL AND (SELECT relkind FROM pg_class WHERE oid = rel) NOT IN ('r', 'p') THEN
-            rel := NULL;
+    -- 1. the relname itself, as the guide's query passes it
+    bare := tablename;
+    SELECT array_agg(n.nspname ORDER BY n.nspname), min(c.oid) INTO schemas, rel
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.relname = bare AND c.relkind IN ('r', 'p') AND c.relpersistence <> 't';
+    IF schemas IS NULL THEN
+        -- 2. an SQL name: unquoted parts fold to lower case
+        BEGIN
+            parts := parse_ident(tablename);
+        EXCEPTION WHEN others THEN
+            problem := format('table %s does not exist (couldn''t be replicated)!', tablename);
+            RETURN;
+        END;
+        IF array_length(parts, 1) = 2 THEN
+            SELECT c.oid INTO rel FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE n.nspname = parts[1] AND c.relname = parts[2] AND c.relkind IN ('r', 'p')
+               AND c.relpersistence <> 't';
+        ELSIF array_length(parts, 1) = 1 THEN
+            bare := parts[1];
+            SELECT array_agg(n.nspname ORDER BY n.nspname), min(c.oid) INTO schemas, rel
+              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE c.relname = bare AND c.relkind IN ('r', 'p') AND c.relpersistence <> 't';
+        ELSE
+            problem := format('table %s: expected name or schema.name (couldn''t be replicated)!', tablename);
+            RETURN;
         END IF;
-        IF rel IS NULL THEN
-            SELECT count(*), min(c.oid) INTO hits, rel FROM pg_class c
-             WHERE c.relname = parts[1] AND c.relkind IN ('r', 'p');
-            IF hits > 1 THEN
-                rel := NULL;
-                problem := format('table %s exists in several schemas (%s): call py_log_create_tg(''schema.%s'')',
-                                  tablename,
-                                  (SELECT string_agg(n.nspname, ', ' ORDER BY n.nspname) FROM pg_class c
-                                     JOIN pg_namespace n ON n.oid = c.relnamespace
-                                    WHERE c.relname = parts[1] AND c.relkind IN ('r', 'p')),
-                                  tablename);
-                RETURN;
-            END IF;
-        END IF;
-    ELSE
-        problem := format('table %s: expected name or schema.name', tablename);
-        RETURN;
     END IF;
-    IF rel IS NULL THEN
+    IF array_length(schemas, 1) > 1 THEN
+        rel := NULL;
+        problem := format('table %s exists in several schemas (%s): give it as schema.name, e.g. %s',
+                          tablename, array_to_string(schemas, ', '), format('%I.%I', schemas[1], bare));
+    ELSIF rel IS NULL THEN
         problem := format('table %s does not exist (couldn''t be replicated)!', tablename);
     END IF;
 END
@@ -259,9 +275,64 @@ AS $fn$
         OR (SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel) = 'pyreplica';
 $fn$;
 
--- Put the capture triggers on a table. Returns one line per table saying what happened; a problem
--- with one table is such a line, never an error, so that the install guide's query over every
--- table always completes. pyreplica's own tables yield no line at all.
+-- The tables whose capture triggers go with rel's: rel and, for a partitioned table, every
+-- partition below it. A statement fires the statement-level triggers of the table it names only,
+-- so a row written straight into a partition is seen by that partition's triggers alone.
+CREATE OR REPLACE FUNCTION public.py_log_members(rel regclass)
+RETURNS SETOF regclass
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT rel
+    UNION
+    SELECT relid FROM pg_partition_tree(rel) WHERE relid::oid IN (SELECT oid FROM pg_class WHERE relkind IN ('r', 'p'));
+$fn$;
+
+-- (Re)create the four capture triggers of one table; returns its primary-key columns.
+-- Raises if the table has no primary key.
+CREATE OR REPLACE FUNCTION public.py_log_add_triggers(rel regclass)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    pkcols text;
+    sig    text := public.py_log_signature(rel);
+    base   text := (SELECT relname FROM pg_class WHERE oid = rel);
+    ev     text;
+BEGIN
+    SELECT string_agg(a.attname, ',' ORDER BY k.ord) INTO pkcols
+      FROM pg_index i
+      CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+     WHERE i.indrelid = rel AND i.indisprimary;
+    IF pkcols IS NULL THEN
+        RAISE EXCEPTION 'pyreplica: table % is replicated and must keep a primary key', rel
+            USING HINT = format('Stop replicating it first: SELECT py_log_drop_tg(%L);', rel::text);
+    END IF;
+    -- Trigger names are <table>_replica_tg[_u|_d|_t]; a long table name is cut so that all four
+    -- fit in 63 bytes and stay distinct (PostgreSQL would cut them to the same name).
+    WHILE octet_length(base || '_replica_tg_x') > 63 LOOP
+        base := left(base, -1);
+    END LOOP;
+    PERFORM public.py_log_drop_triggers(rel);
+    FOREACH ev IN ARRAY ARRAY['insert', 'update', 'delete', 'truncate'] LOOP
+        EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s %s FOR EACH STATEMENT EXECUTE FUNCTION public.py_log_replica(%L)',
+                       base || '_replica_tg' || CASE ev WHEN 'insert' THEN '' ELSE '_' || left(ev, 1) END,
+                       upper(ev), rel,
+                       CASE ev WHEN 'insert' THEN 'REFERENCING NEW TABLE AS pyreplica_new'
+                               WHEN 'update' THEN 'REFERENCING OLD TABLE AS pyreplica_old NEW TABLE AS pyreplica_new'
+                               WHEN 'delete' THEN 'REFERENCING OLD TABLE AS pyreplica_old'
+                               ELSE '' END,
+                       sig);
+    END LOOP;
+    RETURN pkcols;
+END
+$fn$;
+
+-- Put the capture triggers on a table (and its partitions). Returns one line per table saying what
+-- happened; a problem with one table is such a line, never an error, so that the install guide's
+-- query over every table always completes. pyreplica's own tables yield no line at all.
 CREATE OR REPLACE FUNCTION public.py_log_create_tg(tablename text)
 RETURNS SETOF text
 LANGUAGE plpgsql
@@ -269,10 +340,8 @@ SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
     r       record;
+    member  regclass;
     pkcols  text;
-    sig     text;
-    trg     text;
-    ev      text;
 BEGIN
     SELECT * INTO r FROM public.py_log_resolve(tablename);
     IF r.problem IS NOT NULL THEN
@@ -285,35 +354,23 @@ BEGIN
     END IF;
     IF (SELECT relispartition FROM pg_class WHERE oid = r.rel) THEN
         RETURN NEXT format('table %s is a partition: replicate its partitioned table %s instead',
-                           tablename, (SELECT inhparent::regclass FROM pg_inherits WHERE inhrelid = r.rel));
+                           tablename, pg_partition_root(r.rel));
         RETURN;
     END IF;
     IF EXISTS (SELECT FROM pg_inherits WHERE inhrelid = r.rel) THEN
         RETURN NEXT format('table %s inherits from another table (couldn''t be replicated)!', tablename);
         RETURN;
     END IF;
-    SELECT string_agg(a.attname, ',' ORDER BY k.ord) INTO pkcols
-      FROM pg_index i
-      CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
-      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-     WHERE i.indrelid = r.rel AND i.indisprimary;
-    IF pkcols IS NULL THEN
+    IF NOT EXISTS (SELECT FROM pg_index WHERE indrelid = r.rel AND indisprimary) THEN
         RETURN NEXT format('table %s has no pk constraint (couldn''t be replicated)!', tablename);
         RETURN;
     END IF;
-
-    sig := public.py_log_signature(r.rel);
-    trg := (SELECT relname FROM pg_class WHERE oid = r.rel) || '_replica_tg';
-    PERFORM public.py_log_drop_triggers(r.rel);
-    FOREACH ev IN ARRAY ARRAY['insert', 'update', 'delete', 'truncate'] LOOP
-        EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s %s FOR EACH STATEMENT EXECUTE FUNCTION public.py_log_replica(%L)',
-                       CASE ev WHEN 'insert' THEN trg ELSE trg || '_' || left(ev, 1) END,
-                       upper(ev), r.rel,
-                       CASE ev WHEN 'insert' THEN 'REFERENCING NEW TABLE AS pyreplica_new'
-                               WHEN 'update' THEN 'REFERENCING OLD TABLE AS pyreplica_old NEW TABLE AS pyreplica_new'
-                               WHEN 'delete' THEN 'REFERENCING OLD TABLE AS pyreplica_old'
-                               ELSE '' END,
-                       sig);
+    FOR member IN SELECT public.py_log_members(r.rel) LOOP
+        IF member = r.rel THEN
+            pkcols := public.py_log_add_triggers(member);
+        ELSE
+            PERFORM public.py_log_add_triggers(member);
+        END IF;
     END LOOP;
     RETURN NEXT format('created trigger on %s (%s)', tablename, pkcols);
 END
@@ -339,6 +396,7 @@ BEGIN
 END
 $fn$;
 
+-- Stop replicating a table (and its partitions).
 CREATE OR REPLACE FUNCTION public.py_log_drop_tg(tablename text)
 RETURNS text
 LANGUAGE plpgsql
@@ -346,20 +404,24 @@ SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
     r record;
+    n int := 0;
 BEGIN
     SELECT * INTO r FROM public.py_log_resolve(tablename);
     IF r.problem IS NOT NULL THEN
         RETURN r.problem;
     END IF;
-    IF public.py_log_drop_triggers(r.rel) = 0 THEN
+    SELECT sum(public.py_log_drop_triggers(m)) INTO n FROM public.py_log_members(r.rel) m;
+    IF n = 0 THEN
         RETURN format('table %s had no replica trigger', tablename);
     END IF;
     RETURN format('dropped trigger on %s', tablename);
 END
 $fn$;
 
--- ALTER TABLE on a replicated table: renew its triggers' column signature so that every backend
--- prepares a new capture query (a cached one would miss an added column).
+-- After ALTER TABLE or CREATE TABLE: for every replicated table touched (a partition counts as its
+-- partitioned table), renew the column signature of its triggers and its partitions' triggers
+-- where it changed, so that every backend prepares a new capture query (a cached one would miss
+-- an added column), and put triggers on a partition just created or attached.
 CREATE OR REPLACE FUNCTION public.py_log_replica_ddl()
 RETURNS event_trigger
 LANGUAGE plpgsql
@@ -367,24 +429,41 @@ SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
-    cmd record;
-    rel regclass;
+    root   regclass;
+    member regclass;
 BEGIN
-    FOR cmd IN SELECT DISTINCT objid FROM pg_event_trigger_ddl_commands()
-                WHERE classid = 'pg_class'::regclass LOOP
-        rel := cmd.objid;
-        IF EXISTS (SELECT FROM pg_trigger WHERE tgrelid = rel AND tgfoid = 'public.py_log_replica()'::regprocedure
-                      AND encode(tgargs, 'escape') <> public.py_log_signature(rel) || '\000') THEN
-            PERFORM public.py_log_create_tg(rel::text);
-        END IF;
+    FOR root IN SELECT DISTINCT coalesce(pg_partition_root(objid), objid)::regclass
+                  FROM pg_event_trigger_ddl_commands()
+                 WHERE classid = 'pg_class'::regclass AND objsubid = 0
+                   AND objid IN (SELECT oid FROM pg_class WHERE relkind IN ('r', 'p')) LOOP
+        CONTINUE WHEN NOT EXISTS (SELECT FROM pg_trigger
+                                   WHERE tgrelid = root AND tgfoid = 'public.py_log_replica()'::regprocedure);
+        FOR member IN SELECT public.py_log_members(root) LOOP
+            IF NOT EXISTS (SELECT FROM pg_trigger
+                            WHERE tgrelid = member AND tgfoid = 'public.py_log_replica()'::regprocedure
+                              AND encode(tgargs, 'escape') = public.py_log_signature(member) || '\000'
+                           HAVING count(*) = 4) THEN
+                PERFORM public.py_log_add_triggers(member);
+            END IF;
+        END LOOP;
     END LOOP;
 END
 $fn$;
 
-DROP EVENT TRIGGER IF EXISTS py_log_replica_ddl;
-CREATE EVENT TRIGGER py_log_replica_ddl ON ddl_command_end
-    WHEN TAG IN ('ALTER TABLE', 'CREATE INDEX', 'DROP INDEX')
-    EXECUTE FUNCTION public.py_log_replica_ddl();
+-- (Re)created only when missing or different, so that running this script again changes nothing.
+DO $evt$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_event_trigger
+                    WHERE evtname = 'py_log_replica_ddl' AND evtevent = 'ddl_command_end'
+                      AND evtfoid = 'public.py_log_replica_ddl()'::regprocedure
+                      AND evttags = ARRAY['ALTER TABLE', 'CREATE TABLE']) THEN
+        DROP EVENT TRIGGER IF EXISTS py_log_replica_ddl;
+        CREATE EVENT TRIGGER py_log_replica_ddl ON ddl_command_end
+            WHEN TAG IN ('ALTER TABLE', 'CREATE TABLE')
+            EXECUTE FUNCTION public.py_log_replica_ddl();
+    END IF;
+END
+$evt$;
 
 -- ---------------------------------------------------------------------------------------------
 -- An administrator's SQL (DDL to propagate): run here, and logged so every slave runs it too, in
@@ -486,7 +565,8 @@ $fn$;
 -- Only superusers (and roles the administrator grants them to) manage replication.
 REVOKE ALL ON FUNCTION public.py_log_replica(), public.py_log_replica_ddl(),
     public.py_log_capture_sql(regclass, "char"), public.py_log_signature(regclass),
-    public.py_log_resolve(text), public.py_log_is_own_table(regclass), public.py_log_create_tg(text),
+    public.py_log_resolve(text), public.py_log_is_own_table(regclass), public.py_log_members(regclass),
+    public.py_log_add_triggers(regclass), public.py_log_create_tg(text),
     public.py_log_drop_triggers(regclass), public.py_log_drop_tg(text), public.py_log_sql(text),
     public.replica_register_slave(text, pg_snapshot), public.replica_confirm(text, pg_snapshot, bigint, bigint),
     public.replica_prune(int), public.replica_drop_slave(text)
