@@ -104,6 +104,7 @@ DECLARE
     cols      text[];      -- quoted names of the columns a statement writes (no generated ones)
     pk        text[];      -- quoted names of the primary-key columns
     overriding text := '';
+    rn        text := 'pyreplica_rn';   -- the row-number column pairing old and new rows
     stmt      text;
 BEGIN
     SELECT array_agg(quote_ident(attname) ORDER BY attnum),
@@ -152,19 +153,22 @@ BEGIN
         -- so the k-th row of one is the k-th row of the other, even when the primary key changed.
         -- Values are compared by their text form, which works for every type (json has no "=")
         -- and sees changes "=" would hide (1.0 -> 1.00).
+        WHILE quote_ident(rn) = ANY (cols) LOOP    -- a table may have a column of that name
+            rn := rn || '_';
+        END LOOP;
         stmt := format($q$array_to_string(ARRAY[%s], ', ')$q$,
                        (SELECT string_agg(format($e$CASE WHEN format('%%L', o.%1$s) IS DISTINCT FROM format('%%L', n.%1$s) THEN %2$L || format('%%L', n.%1$s) END$e$, c, c || ' = '), ', ')
                           FROM unnest(cols) c));
         RETURN format($q$INSERT INTO public.replica_log (txid, relname, op, sql)
                          SELECT pg_current_xact_id(), %L, 'U', %L || s.set_list || %L || %s
-                           FROM (SELECT row_number() OVER () AS pyreplica_rn, * FROM pyreplica_old) o
-                           JOIN (SELECT row_number() OVER () AS pyreplica_rn, * FROM pyreplica_new) n USING (pyreplica_rn)
-                          CROSS JOIN LATERAL (SELECT %s AS set_list) s
+                           FROM (SELECT row_number() OVER () AS %6$I, * FROM pyreplica_old) o
+                           JOIN (SELECT row_number() OVER () AS %6$I, * FROM pyreplica_new) n USING (%6$I)
+                          CROSS JOIN LATERAL (SELECT %5$s AS set_list) s
                           WHERE s.set_list <> ''
-                          ORDER BY pyreplica_rn$q$,
+                          ORDER BY %6$I$q$,
                       target, format('UPDATE %s SET ', target), ' WHERE ',
                       (SELECT string_agg(format($e$%L || format('%%L', o.%s)$e$, c || ' = ', c), $s$ || ' AND ' || $s$) FROM unnest(pk) c),
-                      stmt);
+                      stmt, rn);
     END IF;
     RAISE EXCEPTION 'pyreplica: unknown operation %', op;
 END
