@@ -206,7 +206,7 @@ $py$;
 
 -- The signature of what a table's capture query is made of: it changes when the table is renamed
 -- or moved to another schema, a column is added, dropped, renamed or retyped, becomes generated or
--- an identity, or the primary key changes.
+-- an identity, or the primary key changes (columns or deferrability).
 CREATE OR REPLACE FUNCTION public.py_log_signature(rel regclass)
 RETURNS text
 LANGUAGE sql STABLE
@@ -214,7 +214,7 @@ SET search_path = pg_catalog, pg_temp
 AS $fn$
     SELECT md5(rel::text || ':'
                || coalesce(string_agg(format('%s:%s:%s:%s:%s:%s', attnum, attname, atttypid, atttypmod, attgenerated, attidentity), ',' ORDER BY attnum), '')
-               || coalesce((SELECT indkey::text FROM pg_index WHERE indrelid = rel AND indisprimary), ''))
+               || coalesce((SELECT indkey::text || indimmediate::text FROM pg_index WHERE indrelid = rel AND indisprimary), ''))
       FROM pg_attribute
      WHERE attrelid = rel AND attnum > 0 AND NOT attisdropped;
 $fn$;
@@ -314,6 +314,10 @@ BEGIN
         RAISE EXCEPTION 'pyreplica: table % is replicated and must keep a primary key', rel
             USING HINT = format('Stop replicating it first: SELECT py_log_drop_tg(%L);', rel::text);
     END IF;
+    IF EXISTS (SELECT FROM pg_index WHERE indrelid = rel AND indisprimary AND NOT indimmediate) THEN
+        RAISE EXCEPTION 'pyreplica: table % is replicated and its primary key cannot be deferrable', rel
+            USING HINT = format('Stop replicating it first: SELECT py_log_drop_tg(%L);', rel::text);
+    END IF;
     -- Trigger names are <table>_replica_tg[_u|_d|_t]; a long table name is cut so that all four
     -- fit in 63 bytes and stay distinct (PostgreSQL would cut them to the same name).
     WHILE octet_length(base || '_replica_tg_x') > 63 LOOP
@@ -367,6 +371,12 @@ BEGIN
     END IF;
     IF NOT EXISTS (SELECT FROM pg_index WHERE indrelid = r.rel AND indisprimary) THEN
         RETURN NEXT format('table %s has no pk constraint (couldn''t be replicated)!', tablename);
+        RETURN;
+    END IF;
+    -- A deferrable key may hold duplicates until the end of a statement or transaction, so a
+    -- logged "WHERE key = ..." could then match two rows on the slave: refused, not corrupted.
+    IF EXISTS (SELECT FROM pg_index WHERE indrelid = r.rel AND indisprimary AND NOT indimmediate) THEN
+        RETURN NEXT format('table %s has a deferrable pk constraint (couldn''t be replicated)!', tablename);
         RETURN;
     END IF;
     FOR member IN SELECT public.py_log_members(r.rel) LOOP
@@ -473,10 +483,11 @@ $evt$;
 -- An administrator's SQL (DDL to propagate): run here, and logged so every slave runs it too, in
 -- the same place of the stream. The slave runs it as the daemon's role.
 -- ---------------------------------------------------------------------------------------------
+-- Runs with the caller's rights and search_path (an unqualified name means what it means to the
+-- caller here; on a slave it is resolved by the daemon's search_path, so qualify names).
 CREATE OR REPLACE FUNCTION public.py_log_sql(statement text)
 RETURNS bigint
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
     logged bigint;
