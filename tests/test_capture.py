@@ -256,8 +256,8 @@ def test_identity_always_column_replays(master, slave):
     assert slave.table_rows("ident") == [("(42,a,84)",), ("(43,c,86)",)]
 
 
-@pytest.mark.parametrize("ids, shift", [([1, 2, 3, 4], -1), ([4, 3, 2, 1], +1)])
-def test_primary_key_update_of_many_rows_in_one_statement(master, slave, ids, shift):
+@pytest.mark.parametrize("ids, shift, moved", [([1, 2, 3, 4], -1, 2), ([4, 3, 2, 1], +1, 4)])
+def test_primary_key_update_of_many_rows_in_one_statement(master, slave, ids, shift, moved):
     # The key is checked row by row, so id = id + shift succeeds on the master only because it
     # visits the rows in an order where no new key meets an old one (the order they were written
     # in); the log must list the row changes in the master's order for the slave to manage too.
@@ -267,7 +267,7 @@ def test_primary_key_update_of_many_rows_in_one_statement(master, slave, ids, sh
         master.execute("INSERT INTO k VALUES (%s, %s)", (i, f"row {i}"))
     master.execute("UPDATE k SET id = id + %s", (shift,))
     master.execute("UPDATE k SET id = id + 100, v = v || '!' WHERE id > 1")
-    assert len(log(master)) == 4 + 4 + 3
+    assert [op for op, _, _ in log(master)] == ["I"] * 4 + ["U"] * 4 + ["U"] * moved
     replay(master, slave)
     assert_same(master, slave, "k")
 
