@@ -1,5 +1,6 @@
 """The `pyreplica` command (DESIGN §8). Exit codes: 0 success, 1 failure or difference, 2 bad usage/config."""
 import argparse
+import os
 import sys
 
 import psycopg2.extensions
@@ -43,6 +44,8 @@ def build_parser():
         cmd = sub.add_parser(name, help=text)
         add_server_args(cmd)
         cmd.add_argument("--json", action="store_true", help="machine-readable output")
+    sub.choices["compare"].add_argument("--wait", type=float, default=30.0, metavar="SECONDS",
+                                        help="how long to wait for the slave to catch up with the master (default 30)")
 
     sub.add_parser("demo", help="two throw-away clusters: install, write, replicate, status, compare")
 
@@ -109,14 +112,19 @@ def cmd_drop_slave(args):
 
 def cmd_status(args):
     from .status import status
-    config = load_config(args)
+    if not args.config and not args.slave and not os.environ.get("DSN1"):
+        # status needs only the master; a slave DSN adds the slave's in-doubt transactions
+        config = configuration.from_args(args.master, "-")
+        config.values[("MAIN", "DSN1")] = ""
+    else:
+        config = load_config(args)
     return status(config, args.json)
 
 
 def cmd_compare(args):
     from .compare import compare
     config = load_config(args)
-    return compare(config, slave_name(args, config), args.json)
+    return compare(config, slave_name(args, config), args.json, wait=args.wait)
 
 
 def cmd_demo(args):

@@ -1,0 +1,282 @@
+"""`pyreplica compare` (DESIGN §8): every replicated table's row count and content hash, on both sides,
+at one consistent point.
+
+The point: a REPEATABLE READ transaction on the slave reads the slave's position (the master
+snapshot it has applied up to, stored with the data it covers); then a REPEATABLE READ transaction
+on the master checks that every log event its own snapshot sees is covered by that position. The
+slave's snapshot was taken on the master before ours, so it sees no more than ours does; if ours sees
+no event beyond it, both transactions see the same replicated changes. While events are pending we
+retry (the daemon is running) until --wait runs out, then say how far behind the slave is.
+
+The hash of a table is order-independent: the sum of the md5s of its rows (128 bits, as two
+64-bit halves), computed in the server in one pass, with no sort and flat memory however big the
+table. Rows are unique by primary key, so equal sums mean equal contents. Only a table that
+differs is read again, in primary-key order on both sides, to name its first differing rows.
+"""
+import concurrent.futures
+import contextlib
+import json
+import time
+
+import psycopg2
+from psycopg2 import sql
+
+from . import progress
+from .batch import Event
+from .db import ReplicaError, close_quietly, connect, first_line
+from .filters import Pipeline
+
+# Row text depends on these settings: both sides must print values the same way.
+SESSION = """
+SET "TimeZone" = 'UTC';
+SET "DateStyle" = 'ISO, YMD';
+SET "IntervalStyle" = 'postgres';
+SET extra_float_digits = 1;
+SET bytea_output = 'hex';
+"""
+
+# Replicated tables: those carrying the capture trigger. A partition is compared as part of its
+# partitioned table (which has the trigger too).
+REPLICATED_TABLES = """
+SELECT n.nspname, c.relname,
+       (SELECT array_agg(a.attname::text ORDER BY a.attnum) FROM pg_attribute a
+         WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped),
+       (SELECT array_agg(a.attname::text ORDER BY k.ord)
+          FROM pg_index i
+         CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+          JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+         WHERE i.indrelid = c.oid AND i.indisprimary)
+  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE c.oid IN (SELECT tgrelid FROM pg_trigger WHERE tgfoid = 'public.py_log_replica()'::regprocedure)
+   AND NOT c.relispartition
+ ORDER BY 1, 2
+"""
+SLAVE_COLUMNS = """
+SELECT array_agg(a.attname::text) FROM pg_attribute a
+ WHERE a.attrelid = to_regclass(format('%%I.%%I', %s::text, %s::text)) AND a.attnum > 0 AND NOT a.attisdropped
+"""
+POSITION = "SELECT snapshot::text, batch_id FROM pyreplica.position WHERE slave = %s"
+HAS_POSITION_TABLE = "SELECT to_regclass('pyreplica.position') IS NOT NULL"
+# First statement of the master's transaction: it fixes the snapshot the rest reads with.
+MASTER_SNAPSHOT = "SELECT pg_current_snapshot()::text"
+# Log events our master snapshot sees that the slave's position does not cover.
+PENDING = """
+SELECT count(*) FROM public.replica_log
+ WHERE txid >= pg_snapshot_xmin(%(slave)s::pg_snapshot)
+   AND NOT pg_visible_in_snapshot(txid, %(slave)s::pg_snapshot)
+"""
+RETRY_EVERY = 0.2
+SHOW_DIFFERENCES = 5        # differing rows named per table
+PROGRESS_EVERY = 5.0        # seconds between progress lines for a long table
+
+
+class Table:
+    def __init__(self, schema, name, columns, pk):
+        self.schema, self.name, self.columns, self.pk = schema, name, columns, pk
+        self.ident = sql.Identifier(schema, name)
+
+    @property
+    def qualified(self):
+        return f"{self.schema}.{self.name}"
+
+    def row_text(self, columns):
+        return sql.SQL("ROW({})::text").format(sql.SQL(", ").join(map(sql.Identifier, columns)))
+
+    def hash_query(self):
+        # count and sum of the rows' md5s as two 64-bit halves (numeric: no overflow), folded into one md5
+        return sql.SQL("""
+            SELECT count(*),
+                   md5(count(*) || ':' || coalesce(sum(('x' || left(h, 16))::bit(64)::bigint::numeric), 0)
+                                || ':' || coalesce(sum(('x' || right(h, 16))::bit(64)::bigint::numeric), 0))
+              FROM (SELECT md5({row}) AS h FROM {table} t) s""").format(
+            row=self.row_text(self.columns), table=self.ident)
+
+    def rows_query(self):
+        # C collation: the same order on both sides, and Python's str order (code points)
+        key = self.row_text(self.pk)
+        return sql.SQL('SELECT {key}, md5({row}) FROM {table} t ORDER BY {key} COLLATE "C"').format(
+            key=key, row=self.row_text(self.columns), table=self.ident)
+
+
+def replicated_tables(master, patterns):
+    pipeline = Pipeline(patterns)
+    with master.cursor() as cur:
+        cur.execute(REPLICATED_TABLES)
+        tables = [Table(*row) for row in cur.fetchall()]
+    tables = [t for t in tables if pipeline.wants(Event(0, None, t.qualified, "I", "", ""))]
+    if not tables:
+        raise ReplicaError("the master replicates no table" + (f" matching TABLES {', '.join(patterns)}"
+                                                               if patterns else ""), "master")
+    return tables
+
+
+def open_session(dsn, side):
+    conn = connect(dsn, side, "pyreplica compare")
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(SESSION)
+    conn.set_session(isolation_level="REPEATABLE READ", readonly=True, autocommit=False)
+    return conn
+
+
+def slave_position(slave, name):
+    with slave.cursor() as cur:
+        cur.execute(HAS_POSITION_TABLE)
+        if cur.fetchone()[0]:
+            cur.execute(POSITION, (name,))
+            row = cur.fetchone()
+            if row:
+                return row
+    raise ReplicaError(f"the slave has no position for {name}: it never replicated from this master "
+                       f"(wrong --name? start `pyreplica run` first)", "slave")
+
+
+def one_point(master, slave, name, wait):
+    """Open both transactions at one point; returns (master snapshot, slave snapshot, slave batch)."""
+    deadline = time.monotonic() + wait
+    while True:
+        snapshot, batch_id = slave_position(slave, name)
+        with master.cursor() as cur:
+            cur.execute(MASTER_SNAPSHOT)
+            master_snapshot = cur.fetchone()[0]
+            cur.execute(PENDING, {"slave": snapshot})
+            pending = cur.fetchone()[0]
+        if pending == 0:
+            return master_snapshot, snapshot, batch_id
+        master.rollback()
+        slave.rollback()
+        if time.monotonic() >= deadline:
+            raise ReplicaError(f"slave {name} is behind by {pending} events, cannot compare at one point "
+                               f"(is `pyreplica run` running for it? waited {wait:g} s; see --wait)")
+        time.sleep(RETRY_EVERY)
+
+
+def slave_problem(slave, table):
+    """Why the slave's table cannot be compared, or None."""
+    with slave.cursor() as cur:
+        cur.execute(SLAVE_COLUMNS, (table.schema, table.name))
+        present = cur.fetchone()[0]
+    if present is None:
+        return "missing on the slave"
+    missing = [c for c in table.columns if c not in present]
+    extra = [c for c in present if c not in table.columns]
+    if missing or extra:
+        return "columns differ: " + "; ".join(
+            part for part in (missing and f"slave lacks {', '.join(missing)}",
+                              extra and f"slave has extra {', '.join(extra)}") if part)
+    return None
+
+
+def fetch(conn, query):
+    with conn.cursor() as cur:
+        cur.execute(query)
+        return cur.fetchone()
+
+
+def streamed(conn, query, cursor_name):
+    with conn.cursor(name=cursor_name) as cur:
+        cur.itersize = 5000
+        cur.execute(query)
+        yield from cur
+
+
+def first_differences(master, slave, table, limit=SHOW_DIFFERENCES):
+    """The first rows (by primary key) that differ: merge of both sides' (key, md5) streams."""
+    mine = streamed(master, table.rows_query(), "pyreplica_compare_m")
+    theirs = streamed(slave, table.rows_query(), "pyreplica_compare_s")
+    m, s = next(mine, None), next(theirs, None)
+    found = []
+    while (m or s) and len(found) < limit:
+        if s is None or (m is not None and m[0] < s[0]):
+            found.append(f"{m[0]} only on the master")
+            m = next(mine, None)
+        elif m is None or s[0] < m[0]:
+            found.append(f"{s[0]} only on the slave")
+            s = next(theirs, None)
+        else:
+            if m[1] != s[1]:
+                found.append(f"{m[0]} differs")
+            m, s = next(mine, None), next(theirs, None)
+    mine.close()
+    theirs.close()
+    return found
+
+
+def compare_table(master, slave, table, pool, position):
+    result = {"table": table.qualified, "master_rows": None, "slave_rows": None,
+              "master_hash": None, "slave_hash": None, "identical": False, "differences": []}
+    problem = slave_problem(slave, table)
+    query = table.hash_query()
+    describe = lambda elapsed: (f"compare: {table.qualified} ({position}) still hashing after "  # noqa: E731
+                                f"{elapsed:.0f} s")
+    with progress.every(PROGRESS_EVERY, describe):
+        # both sides at once: each connection is used by one thread only
+        on_master = pool.submit(fetch, master, query)
+        on_slave = None if problem else pool.submit(fetch, slave, query)
+        result["master_rows"], result["master_hash"] = on_master.result()
+        if on_slave is not None:
+            result["slave_rows"], result["slave_hash"] = on_slave.result()
+    if problem:
+        result["differences"] = [problem]
+    elif (result["master_rows"], result["master_hash"]) == (result["slave_rows"], result["slave_hash"]):
+        result["identical"] = True
+    else:
+        with progress.every(PROGRESS_EVERY, lambda e: f"compare: {table.qualified}: looking for the differing "
+                                                      f"rows, {e:.0f} s"):
+            result["differences"] = first_differences(master, slave, table) or ["hash differs"]
+    return result
+
+
+def collect(config, name, wait):
+    master = slave = None
+    try:
+        master = open_session(config.DSN0, "master")
+        slave = open_session(config.DSN1, "slave")
+        tables = replicated_tables(master, config.TABLES)
+        master.rollback()
+        master_snapshot, slave_snapshot, batch_id = one_point(master, slave, name, wait)
+        report = {"slave": name, "batch_id": batch_id, "master_snapshot": master_snapshot,
+                  "slave_snapshot": slave_snapshot, "tables": []}
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            for i, table in enumerate(tables, 1):
+                report["tables"].append(compare_table(master, slave, table, pool, f"{i} of {len(tables)}"))
+        report["identical"] = all(t["identical"] for t in report["tables"])
+        return report
+    finally:
+        for conn in (master, slave):
+            with contextlib.suppress(Exception):
+                conn.rollback()
+            close_quietly(conn)
+
+
+def format_table(report):
+    lines = [f"Slave {report['slave']} at batch {report['batch_id']}, compared with the master at snapshot "
+             f"{report['master_snapshot']}"]
+    rows = [("TABLE", "MASTER ROWS", "SLAVE ROWS", "MASTER HASH", "SLAVE HASH", "RESULT")]
+    for t in report["tables"]:
+        rows.append((t["table"], _text(t["master_rows"]), _text(t["slave_rows"]), _text(t["master_hash"])[:12],
+                     _text(t["slave_hash"])[:12], "identical" if t["identical"] else "DIFFERENT"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    differing = [t for t in report["tables"] if not t["identical"]]
+    for t in differing:
+        lines += [f"  {t['table']}: {difference}" for difference in t["differences"]]
+    if differing:
+        lines.append(f"{len(differing)} of {len(report['tables'])} table(s) differ: "
+                     f"{', '.join(t['table'] for t in differing)}")
+    else:
+        lines.append(f"All {len(report['tables'])} table(s) identical")
+    return "\n".join(lines)
+
+
+def _text(value):
+    return "-" if value is None else str(value)
+
+
+def compare(config, slave_name, as_json=False, wait=30.0):
+    try:
+        report = collect(config, slave_name, wait)
+    except psycopg2.Error as e:     # e.g. no right to read a table: one line, not a traceback
+        raise ReplicaError(f"compare failed: {first_line(e)}") from e
+    print(json.dumps(report, indent=2) if as_json else format_table(report))
+    return 0 if report["identical"] else 1
