@@ -117,12 +117,15 @@ def test_alter_table_in_one_session_is_seen_by_another(master):
         master.execute("ALTER TABLE student DROP COLUMN name")
         cur.execute("INSERT INTO student VALUES (3, 'cy@example.org')")
         master.execute("ALTER TABLE student RENAME TO pupil")
-        cur.execute("DELETE FROM pupil WHERE id = 3")
+        cur.execute("INSERT INTO pupil VALUES (4, 'dy@example.org')")
+        master.execute("CREATE SCHEMA school; ALTER TABLE pupil SET SCHEMA school")
+        cur.execute("INSERT INTO school.pupil VALUES (5, 'ed@example.org')")
     assert [r[2] for r in log(master, mark)] == [
         "INSERT INTO public.student (id, name, email) VALUES ('2', 'bob', 'bob@example.org')",
         "UPDATE public.student SET email = 'ann@example.org' WHERE id = '1'",
         "INSERT INTO public.student (id, email) VALUES ('3', 'cy@example.org')",
-        "DELETE FROM public.pupil WHERE id = '3'",
+        "INSERT INTO public.pupil (id, email) VALUES ('4', 'dy@example.org')",
+        "INSERT INTO school.pupil (id, email) VALUES ('5', 'ed@example.org')",
     ]
 
 

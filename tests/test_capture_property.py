@@ -43,11 +43,17 @@ def session_settings():
     })
 
 
+def field_order(datestyle):
+    return "DMY" if datestyle == "German" else datestyle.split(", ")[1]
+
+
 def other_settings(master):
-    """Settings that differ from the master's in every respect."""
+    """Settings that differ from the master's in every respect; the DateStyle reads day and month
+    the other way round (so that a date rendered under the master's session would be misread)."""
+    order = field_order(master["DateStyle"])
     return st.fixed_dictionaries({
         "TimeZone": st.sampled_from([z for z in TIMEZONES if z != master["TimeZone"]]),
-        "DateStyle": st.sampled_from([d for d in DATESTYLES if d != master["DateStyle"]]),
+        "DateStyle": st.sampled_from([d for d in DATESTYLES if field_order(d) not in (order, "YMD")]),
         "IntervalStyle": st.sampled_from([i for i in INTERVALSTYLES if i != master["IntervalStyle"]]),
         "extra_float_digits": st.sampled_from([str(f) for f in FLOAT_DIGITS if str(f) != master["extra_float_digits"]]),
     })
