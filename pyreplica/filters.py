@@ -10,22 +10,25 @@ import importlib
 import traceback
 
 from .apply import ApplyError
+from .batch import Event
+from .config import ConfigError
 
 
 def load_callable(spec):
+    """The callable a FILTERS entry names; a ConfigError (exit 2, no traceback) when it cannot be had."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise ValueError(f"filter {spec!r}: expected module:function")
+        raise ConfigError(f"FILTERS: {spec!r}: expected module:function")
     try:
         target = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"filter {spec!r}: cannot import module {module_name}: {e}") from None
+    except Exception as e:      # ImportError, or the module itself failing to load
+        raise ConfigError(f"FILTERS: {spec!r}: cannot import module {module_name}: {e!r}") from None
     for part in attr.split("."):
         target = getattr(target, part, None)
         if target is None:
-            raise ValueError(f"filter {spec!r}: {module_name} has no {attr}")
+            raise ConfigError(f"FILTERS: {spec!r}: {module_name} has no {attr}")
     if not callable(target):
-        raise ValueError(f"filter {spec!r}: {attr} is not callable")
+        raise ConfigError(f"FILTERS: {spec!r}: {attr} is not callable")
     return target
 
 
@@ -62,5 +65,11 @@ class Pipeline:
                                  f"{traceback.format_exc()}", event) from e
             if result is None:
                 return None
-            event = event._replace(sql=result) if isinstance(result, str) else result
+            if isinstance(result, str):
+                event = event._replace(sql=result)
+            elif isinstance(result, Event):
+                event = result
+            else:
+                raise ApplyError(f"filter {spec} returned {type(result).__name__} at event {event.id} "
+                                 f"({event.relname}): expected the event, a statement (str) or None", event)
         return event
