@@ -107,7 +107,10 @@ def main(argv=None):
         clusters.append(plain)
         logical = start_cluster("logical", logical=True)
         clusters.append(logical)
-        slave = start_cluster("slave", logical=True)
+        # The launcher starts an apply worker at most once per wal_retrieve_retry_interval (5 s by
+        # default) after any other start: without this, enabling a subscription in the catch-up
+        # rounds could wait up to 5 s for its worker, a launcher artefact and not apply speed.
+        slave = start_cluster("slave", logical=True, wal_retrieve_retry_interval="'100ms'")
         clusters.append(slave)
         progress("clusters started")
         sections, ratios = [], {}
