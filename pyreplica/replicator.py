@@ -23,6 +23,7 @@ REGISTER = "SELECT public.replica_register_slave(%s)::text"
 REGISTERED = "SELECT batch_id FROM public.replica_slaves WHERE name = %s"
 PRUNE = "SELECT public.replica_prune(%s)"
 TOUCH = "UPDATE public.replica_slaves SET last_contact = now() WHERE name = %s"
+NOTIFY_SLAVE = "NOTIFY replicas"
 # One daemon per slave: a second one would apply the same batches again.
 SLAVE_LOCK = "SELECT pg_try_advisory_lock(hashtext('pyreplica slave ' || %s))"
 
@@ -64,6 +65,7 @@ class Replicator:
         self._last_prune = self._last_summary = 0.0
         self._summary = [0, 0]      # events, batches since the last summary line
         self._wakeup = None
+        self.cascading = False      # the slave is itself a master: wake its own daemons after a batch
 
     # -- signals --------------------------------------------------------------------------------
     def request_stop(self, *_):
@@ -100,6 +102,7 @@ class Replicator:
             raise ReplicaError(f"another pyreplica is already replicating into this slave as {self.name}: "
                                f"stop it first (one daemon per slave)", "slave")
         apply.install(self.slave)
+        self.cascading = bool(fetch_one(self.slave, MASTER_INSTALLED))
         with self.slave.cursor() as cur:
             apply.start_session(cur)
         self.log.info("Encoding for this connections are %s %s", self.listener.encoding, self.slave.encoding)
@@ -184,6 +187,8 @@ class Replicator:
             self.abandon()
             raise
         twophase.prepare_and_commit(self.worker, self.slave, batch)
+        if batch.events and self.cascading:
+            self.notify_slave_listeners()
         self.snapshot, self.batch_id = batch.cur, batch.batch_id
         self.applied += batch.events
         self.batches += 1
@@ -208,6 +213,15 @@ class Replicator:
                         self.log.debug("Executing: %s", event.sql)
                 apply.apply_chunk(cur, chunk, precise)
                 batch.events += len(chunk)
+
+    def notify_slave_listeners(self):
+        """Tell the slave's own daemons (a cascade) that replayed rows were captured there."""
+        self.slave.autocommit = True
+        try:
+            with self.slave.cursor() as cur:
+                cur.execute(NOTIFY_SLAVE)
+        finally:
+            self.slave.autocommit = False
 
     def abandon(self):
         """Roll back the batch in flight (nothing of it is prepared yet)."""

@@ -98,14 +98,6 @@ def always_capture(db):
         db.execute(f'ALTER TABLE t ENABLE ALWAYS TRIGGER "{name}"')
 
 
-# The capture trigger NOTIFYs, and PostgreSQL refuses to PREPARE a transaction that did: a replayed
-# row captured by an ENABLE ALWAYS trigger makes the daemon's slave PREPARE fail, and it stops.
-CASCADE_BUG = ("capture trigger's NOTIFY inside the replayed transaction: 'cannot PREPARE a transaction that "
-               "has executed LISTEN, UNLISTEN, or NOTIFY' (see the report: trigger must not NOTIFY under "
-               "session_replication_role = replica; the daemon NOTIFYs after COMMIT PREPARED instead)")
-
-
-@pytest.mark.xfail(reason=CASCADE_BUG, strict=True)
 def test_skip_user_alone_prevents_ping_pong_when_replayed_rows_are_captured(pair):
     a, b = pair
     for db in pair:
@@ -120,7 +112,6 @@ def test_skip_user_alone_prevents_ping_pong_when_replayed_rows_are_captured(pair
         assert db.scalar("SELECT count(*) FROM replica_log WHERE username <> 'repl'") <= 22
 
 
-@pytest.mark.xfail(reason=CASCADE_BUG, strict=True)
 def test_without_skip_user_captured_replays_would_ping_pong(pair):
     """The control for the test above: the same setup without SKIP_USER sends A's row back to A."""
     a, b = pair

@@ -193,13 +193,17 @@ SET xmloption = 'content'
 AS $py$
 # TD["args"][0] is the table's column signature, renewed by py_log_replica_ddl whenever
 # ALTER TABLE changes the columns: a new signature means a new query.
+# No NOTIFY while pyreplica replays (session_replication_role = replica, reached only by
+# ENABLE ALWAYS triggers in a cascade): PostgreSQL refuses to PREPARE a transaction that sent one;
+# the daemon notifies this database's listeners itself once the batch is committed.
+NOTIFY = "SELECT pg_notify('replicas', '') WHERE current_setting('session_replication_role') <> 'replica'"
 key = (TD["relid"], TD["event"], tuple(TD["args"] or ()))
 plan = SD.get(key)
 if plan is None:
     op = {"INSERT": "I", "UPDATE": "U", "DELETE": "D", "TRUNCATE": "T"}[TD["event"]]
     text = plpy.execute(plpy.prepare("SELECT public.py_log_capture_sql($1, $2) AS q", ["oid", '"char"']),
                         [TD["relid"], op])[0]["q"]
-    plan = SD[key] = (plpy.prepare(text), plpy.prepare("SELECT pg_notify('replicas', '')"))
+    plan = SD[key] = (plpy.prepare(text), plpy.prepare(NOTIFY))
 if plpy.execute(plan[0]).nrows() > 0 or TD["event"] == "TRUNCATE":
     plpy.execute(plan[1])
 $py$;
