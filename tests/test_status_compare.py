@@ -1,9 +1,11 @@
 """`pyreplica status` and `pyreplica compare` (DESIGN §8) against real master and slave servers."""
 import contextlib
+import io
 import json
 import threading
 import time
 
+from pyreplica import progress
 from pyreplica.cluster import free_port
 from replication import Daemon, create_on_both, run_cli, wait_identical, wait_until
 
@@ -179,3 +181,15 @@ def test_compare_at_one_point_while_writers_keep_writing(master, slave):
         finally:
             stop.set()
             thread.join()
+
+
+def test_progress_lines_only_for_long_work():
+    """compare prints "still hashing" lines every few seconds for a big table, nothing for a small one."""
+    out = io.StringIO()
+    with progress.every(0.2, lambda elapsed: f"still hashing after {elapsed:.1f} s", stream=out):
+        pass
+    assert out.getvalue() == ""
+    with progress.every(0.2, lambda elapsed: f"still hashing after {elapsed:.1f} s", stream=out):
+        time.sleep(0.7)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3 and lines[0].startswith("still hashing after 0.2")
