@@ -118,7 +118,7 @@ def cmd_status(args):
         config.values[("MAIN", "DSN1")] = ""
     else:
         config = load_config(args)
-    return status(config, args.json)
+    return status(config, args.json, args.name)
 
 
 def cmd_compare(args):

@@ -61,8 +61,8 @@ def in_doubt(conn, side):
         return found
 
 
-def collect(config):
-    """The status report as a dict (what --json prints)."""
+def collect(config, only=None):
+    """The status report as a dict (what --json prints); `only` narrows it to one slave."""
     with contextlib.closing(connect(config.DSN0, "master", "pyreplica status")) as master:
         master.autocommit = True
         with master.cursor() as cur:
@@ -71,6 +71,11 @@ def collect(config):
                 raise ReplicaError(f"the master database {master.info.dbname} has no pyreplica installed "
                                    f"(run master-install.sql on it)", "master")
         report = {"master": master.info.dbname, "slaves": slaves(master), "in_doubt": in_doubt(master, "master")}
+    if only:
+        report["slaves"] = [s for s in report["slaves"] if s["name"] == only]
+        report["in_doubt"] = [x for x in report["in_doubt"] if x["slave"] == only]
+        if not report["slaves"]:
+            raise ReplicaError(f"no slave named {only} is registered on the master", "master")
     if config.DSN1:
         with contextlib.closing(connect(config.DSN1, "slave", "pyreplica status")) as slave:
             slave.autocommit = True
@@ -104,7 +109,7 @@ def format_table(report):
     return "\n".join(lines)
 
 
-def status(config, as_json=False):
-    report = collect(config)
+def status(config, as_json=False, only=None):
+    report = collect(config, only)
     print(json.dumps(report, indent=2) if as_json else format_table(report))
     return 0

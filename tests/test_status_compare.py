@@ -193,3 +193,12 @@ def test_progress_lines_only_for_long_work():
         time.sleep(0.7)
     lines = out.getvalue().splitlines()
     assert len(lines) == 3 and lines[0].startswith("still hashing after 0.2")
+
+
+def test_status_name_narrows_to_one_slave(master, slave):
+    replicated(master, slave, name="s1")
+    master.execute("SELECT replica_register_slave('other')")
+    assert [s["name"] for s in status_json(master.dsn)["slaves"]] == ["other", "s1"]
+    assert [s["name"] for s in status_json(master.dsn, "--name", "s1")["slaves"]] == ["s1"]
+    code, out, err = run_cli("status", master.dsn, "--name", "nobody")
+    assert (code, err.strip()) == (1, "pyreplica: no slave named nobody is registered on the master")
