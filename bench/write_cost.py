@@ -133,7 +133,18 @@ def summarize(dbs, samples, scale):
             ratios["bulk_insert_pgq_vs_no_trigger"] = added["pgq"]
             ratios["bulk_insert_native_vs_no_trigger"] = added["native"]
         else:
-            ratios[f"write_{key}_trigger_vs_pgq"] = added["pyreplica"] / added["pgq"] if added["pgq"] else float("nan")
+            ratios[f"write_{key}_trigger_vs_pgq"] = added_ratio(added["pyreplica"], added["pgq"])
             ratios[f"write_{key}_added_us"] = added["pyreplica"]
             ratios[f"write_{key}_pgq_added_us"] = added["pgq"]
     return rows, ratios
+
+
+def added_ratio(ours, theirs):
+    """ours / theirs for added µs. Behind a synchronous commit's flush PgQ's added time can be zero or
+    negative (noise): then inf if ours is positive (PgQ adds nothing measurable, we do), 1 if neither
+    adds anything measurable; nan when PgQ was skipped."""
+    if theirs != theirs:
+        return float("nan")
+    if theirs > 0:
+        return ours / theirs
+    return float("inf") if ours > 0 else 1.0
