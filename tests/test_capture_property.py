@@ -40,6 +40,10 @@ def session_settings():
         "DateStyle": st.sampled_from(DATESTYLES),
         "IntervalStyle": st.sampled_from(INTERVALSTYLES),
         "extra_float_digits": st.sampled_from(FLOAT_DIGITS).map(str),
+        # not pinned by the capture trigger: must not matter either
+        "bytea_output": st.sampled_from(["hex", "escape"]),
+        "standard_conforming_strings": st.sampled_from(["on", "off"]),
+        "xmloption": st.sampled_from(["content", "document"]),
     })
 
 

@@ -181,15 +181,15 @@ CREATE OR REPLACE FUNCTION public.py_log_replica()
 RETURNS trigger
 LANGUAGE plpython3u
 SECURITY DEFINER
+-- Only the settings that change what format('%L') writes in a way a slave could read otherwise:
+-- every SET clause costs each call. Not pinned, because they cannot: TimeZone (ISO dates carry an
+-- explicit offset), bytea_output (both formats read back the same), standard_conforming_strings
+-- (quote_literal writes E'' strings when there is a backslash), xmloption (input only).
 SET search_path = pg_catalog, pg_temp
 SET "DateStyle" = 'ISO, YMD'
 SET "IntervalStyle" = 'iso_8601'
-SET "TimeZone" = 'UTC'
 SET extra_float_digits = 1
-SET bytea_output = 'hex'
-SET standard_conforming_strings = on
 SET lc_monetary = 'C'
-SET xmloption = 'content'
 AS $py$
 # TD["args"][0] is the table's column signature, renewed by py_log_replica_ddl whenever
 # ALTER TABLE changes the columns: a new signature means a new query.
