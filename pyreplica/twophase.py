@@ -32,10 +32,20 @@ def prepare_and_commit(master_conn, slave_conn, batch):
     faults.point("before_slave_prepare")
     slave_conn.tpc_prepare()
     faults.point("after_slave_prepare")
-    with master_conn.cursor() as cur:
-        cur.execute(CONFIRM, {"slave": batch.slave, "cur": batch.cur,
-                              "batch_id": batch.batch_id, "events": batch.events})
-    master_conn.tpc_prepare()
+    try:
+        with master_conn.cursor() as cur:
+            cur.execute(CONFIRM, {"slave": batch.slave, "cur": batch.cur,
+                                  "batch_id": batch.batch_id, "events": batch.events})
+        master_conn.tpc_prepare()
+    except BaseException:
+        # The master never recorded the batch: undo the slave's side now rather than at the next
+        # start (recovery would roll it back too, by the same rule).
+        for conn in (slave_conn, master_conn):
+            try:
+                conn.tpc_rollback()
+            except Exception:
+                pass
+        raise
     faults.point("after_master_prepare")
     slave_conn.tpc_commit()
     faults.point("after_slave_commit")

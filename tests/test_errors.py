@@ -110,3 +110,17 @@ def test_a_second_daemon_for_the_same_slave_is_refused(master, slave):
     assert rc == 1
     assert last_line(lines) == ("slave: another pyreplica is already replicating into this slave as e1: "
                                 "stop it first (one daemon per slave)")
+
+
+def test_slave_dropped_on_the_master_while_running_stops_without_leaving_a_prepared_transaction(master, slave):
+    from replication import Daemon, prepared_count, wait_identical
+    create_on_both(master, slave, "CREATE TABLE t (id int PRIMARY KEY)", ["t"])
+    with Daemon(master, slave, name="e1") as daemon:
+        master.execute("INSERT INTO t VALUES (1)")
+        wait_identical(master, slave, ["t"])
+        master.execute("SELECT replica_drop_slave('e1')")
+        master.execute("INSERT INTO t VALUES (2)")
+        assert daemon.proc.wait(30) == 1
+        assert 'slave "e1" is not registered on this master (dropped with drop-slave?)' in daemon.output
+    assert prepared_count(master) == prepared_count(slave) == 0
+    assert slave.execute("SELECT id FROM t") == [(1,)]
