@@ -62,7 +62,7 @@ class Replicator:
         self.listener = self.worker = self.slave = None
         self.snapshot = self.batch_id = None
         self.applied = self.batches = 0
-        self._last_prune = self._last_summary = 0.0
+        self._last_prune, self._last_summary = 0.0, time.monotonic()
         self._summary = [0, 0]      # events, batches since the last summary line
         self._wakeup = None
         self.cascading = False      # the slave is itself a master: wake its own daemons after a batch
@@ -213,6 +213,15 @@ class Replicator:
                         self.log.debug("Executing: %s", event.sql)
                 apply.apply_chunk(cur, chunk, precise)
                 batch.events += len(chunk)
+                self.show_progress(batch)
+
+    def show_progress(self, batch):
+        """A line every SUMMARY_EVERY seconds while a big batch (a catch-up) is being applied."""
+        now = time.monotonic()
+        if now - self._last_summary >= SUMMARY_EVERY:
+            self._last_summary = now
+            self.log.info("Catching up: %s events of batch %s applied so far (not yet committed)",
+                          batch.events, batch.batch_id)
 
     def notify_slave_listeners(self):
         """Tell the slave's own daemons (a cascade) that replayed rows were captured there."""

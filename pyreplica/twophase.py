@@ -65,9 +65,12 @@ def prepared(conn, slave):
         return found
 
 
+FINISH = {"COMMIT": "COMMIT PREPARED %s", "ROLLBACK": "ROLLBACK PREPARED %s"}
+
+
 def _finish(conn, verb, gid):
     with conn.cursor() as cur:
-        cur.execute(f"{verb} PREPARED %s", (gid,))
+        cur.execute(FINISH[verb], (gid,))
 
 
 def recover(master_conn, slave_conn, slave, slave_batch_id):
