@@ -87,28 +87,46 @@ def fresh_db(cluster, prefix):
     return Database(cluster, name)
 
 
+def database(cluster, prefix, install=False):
+    """Fixture body: a fresh database in `cluster` (master-installed if asked), dropped afterwards."""
+    db = fresh_db(cluster, prefix)
+    if install:
+        db.install_master()
+    yield db
+    cluster.dropdb(db.name)
+
+
 @pytest.fixture
 def master(master_cluster):
     """A fresh database with master-install.sql applied."""
-    db = fresh_db(master_cluster, "m")
-    db.install_master()
-    yield db
-    master_cluster.dropdb(db.name)
+    yield from database(master_cluster, "m", install=True)
+
+
+@pytest.fixture
+def master2(master_cluster):
+    """A second master database (another replica set)."""
+    yield from database(master_cluster, "m", install=True)
 
 
 @pytest.fixture
 def bare_master(master_cluster):
     """A fresh database without pyreplica installed."""
-    db = fresh_db(master_cluster, "b")
-    yield db
-    master_cluster.dropdb(db.name)
+    yield from database(master_cluster, "b")
 
 
 @pytest.fixture
 def slave(slave_cluster):
-    db = fresh_db(slave_cluster, "s")
-    yield db
-    slave_cluster.dropdb(db.name)
+    yield from database(slave_cluster, "s")
+
+
+@pytest.fixture
+def slave2(slave_cluster):
+    yield from database(slave_cluster, "s")
+
+
+@pytest.fixture
+def slave3(slave_cluster):
+    yield from database(slave_cluster, "s")
 
 
 def pytest_addoption(parser):
@@ -119,10 +137,3 @@ def pytest_addoption(parser):
 @pytest.fixture
 def soak_seconds(request):
     return request.config.getoption("--soak-seconds")
-
-
-@pytest.fixture
-def slave2(slave_cluster):
-    db = fresh_db(slave_cluster, "s")
-    yield db
-    slave_cluster.dropdb(db.name)

@@ -9,7 +9,6 @@ import tempfile
 
 import pytest
 
-from conftest import fresh_db
 from replication import ROOT, create_on_both, prepared_count, wait_identical, wait_until
 from service_helpers import SERVICE_USER, service  # noqa: F401 (fixture)
 
@@ -19,22 +18,6 @@ TABLE = "CREATE TABLE t (id int PRIMARY KEY, v text)"
 def owner_uid(pid):
     with open(f"/proc/{pid}/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("Uid:"))
-
-
-@pytest.fixture
-def slave3(slave_cluster):
-    db = fresh_db(slave_cluster, "s")
-    yield db
-    slave_cluster.dropdb(db.name)
-
-
-@pytest.fixture
-def master2(master_cluster):
-    """A second replica set's master (a new slave of `master` would need pyreplica clone)."""
-    db = fresh_db(master_cluster, "m")
-    db.install_master()
-    yield db
-    master_cluster.dropdb(db.name)
 
 
 # -- the tests ----------------------------------------------------------------------------------
