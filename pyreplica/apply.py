@@ -39,6 +39,19 @@ INSERT_HEAD = re.compile(rf"INSERT INTO {_IDENT}\.{_IDENT} \({_IDENT}(?:, {_IDEN
                          rf"(?: OVERRIDING SYSTEM VALUE)? VALUES (?=\()")
 MERGE_MAX_BYTES = 1 << 20
 
+# An UPDATE as the capture writes it: UPDATE s.t SET c = 'v', ... WHERE k = 'v' AND ...
+# Literals are quote_literal's ('..'  with '' inside, E'..' with '' and \\ inside) or NULL; a quote
+# inside a literal is always doubled, so the parse is unique.
+_LITERAL = r"(?:E'(?:[^'\\]|\\.|'')*'|'(?:[^']|'')*'|NULL)"
+_ASSIGN = rf"{_IDENT} = {_LITERAL}"
+UPDATE_STMT = re.compile(rf"UPDATE ({_IDENT}\.{_IDENT}) SET ((?:{_ASSIGN}, )*{_ASSIGN}) "
+                         rf"WHERE ((?:{_ASSIGN} AND )*{_ASSIGN})", re.S)
+ASSIGNMENT = re.compile(rf"({_IDENT}) = ({_LITERAL})", re.S)
+COLUMN_TYPES = """
+SELECT quote_ident(attname), atttypid::regtype::text FROM pg_attribute
+ WHERE attrelid = to_regclass(%s) AND attnum > 0 AND NOT attisdropped
+"""
+
 
 class ApplyError(ReplicaError):
     """A statement failed on the slave (conflict, constraint, missing table): replay stops there."""
@@ -101,9 +114,93 @@ def merge_inserts(events):
     return [(first, op, rel, ", ".join(parts), rows) for first, op, rel, parts, rows, _ in statements]
 
 
+def parse_update(sql):
+    """(table, ((column, literal), ...) set, ((key column, literal), ...) where) or None."""
+    match = UPDATE_STMT.fullmatch(sql)
+    if match is None:
+        return None
+    return match.group(1), tuple(ASSIGNMENT.findall(match.group(2))), tuple(ASSIGNMENT.findall(match.group(3)))
+
+
+def merge_updates(statements, column_types):
+    """Consecutive single-row UPDATEs of one table setting the same columns, keyed on distinct rows
+    and not changing the key, become one UPDATE ... FROM (VALUES ...): parsed and planned once.
+
+    column_types(relname) gives {quoted column: type} on the slave. The VALUES hold the very
+    literals of the log, cast to the column's type (its input function, as the single UPDATE's
+    untyped literal was); the statement must touch exactly as many rows as it stands for.
+    """
+    merged, group = [], None     # group: [first id, relname, table, set columns, key columns, rows, keys]
+
+    def flush():
+        if group is None:
+            return
+        if len(group[5]) == 1:
+            merged.append(group[7])
+        else:
+            merged.append((group[0], "U", group[1], update_from_values(group, column_types(group[1])), len(group[5])))
+
+    for statement in statements:
+        first, op, relname, sql, rows = statement
+        parsed = parse_update(sql) if op == "U" and rows == 1 else None
+        if parsed is not None:
+            table, assignments, keys = parsed
+            set_columns = tuple(c for c, _ in assignments)
+            key_columns = tuple(c for c, _ in keys)
+            key_values = tuple(v for _, v in keys)
+            types = column_types(relname)
+            mergeable = (types is not None and not set(set_columns) & set(key_columns)
+                         and all(c in types for c in set_columns + key_columns))
+            if (mergeable and group is not None and group[1] == relname and group[3] == set_columns
+                    and group[4] == key_columns and key_values not in group[6] and len(group[5]) < 1000):
+                group[5].append(key_values + tuple(v for _, v in assignments))
+                group[6].add(key_values)
+                continue
+            flush()
+            group = ([first, relname, table, set_columns, key_columns,
+                      [key_values + tuple(v for _, v in assignments)], {key_values}, statement]
+                     if mergeable else None)
+            if group is None:
+                merged.append(statement)
+            continue
+        flush()
+        group = None
+        merged.append(statement)
+    flush()
+    return merged
+
+
+def update_from_values(group, types):
+    _, _, table, set_columns, key_columns, rows, _, _ = group
+    width = len(key_columns) + len(set_columns)
+    names = ", ".join(f"p{i}" for i in range(width))
+    values = ", ".join(f"({', '.join(row)})" for row in rows)
+    assignments = ", ".join(f"{column} = pyreplica_v.p{len(key_columns) + i}::{types[column]}"
+                            for i, column in enumerate(set_columns))
+    match = " AND ".join(f"pyreplica_t.{column} = pyreplica_v.p{i}::{types[column]}"
+                         for i, column in enumerate(key_columns))
+    return (f"UPDATE {table} AS pyreplica_t SET {assignments} "
+            f"FROM (VALUES {values}) AS pyreplica_v({names}) WHERE {match}")
+
+
+def slave_column_types(slave_cur):
+    """relname -> {quoted column: type name} on the slave, looked up once per chunk and table."""
+    cache = {}
+
+    def types(relname):
+        if relname not in cache:
+            slave_cur.execute(COLUMN_TYPES, (relname,))
+            cache[relname] = dict(slave_cur.fetchall()) or None
+        return cache[relname]
+    return types
+
+
 def apply_chunk(slave_cur, events, precise=False):
     """Apply events in one round trip; raise ApplyError naming the failing event."""
-    statements = [(e.id, e.op, e.relname, e.sql, 1) for e in events] if precise else merge_inserts(events)
+    if precise:
+        statements = [(e.id, e.op, e.relname, e.sql, 1) for e in events]
+    else:
+        statements = merge_updates(merge_inserts(events), slave_column_types(slave_cur))
     try:
         slave_cur.execute(APPLY_EVENTS, [list(column) for column in zip(*statements)])
     except psycopg2.DatabaseError as e:
