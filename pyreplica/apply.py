@@ -1,6 +1,7 @@
 """Applying events on the slave: its schema `pyreplica`, its position, and the checked replay."""
 import os
 import re
+from dataclasses import dataclass, field
 
 import psycopg2
 
@@ -122,6 +123,41 @@ def parse_update(sql):
     return match.group(1), tuple(ASSIGNMENT.findall(match.group(2))), tuple(ASSIGNMENT.findall(match.group(3)))
 
 
+@dataclass
+class UpdateRun:
+    """Consecutive single-row UPDATEs that can be replayed as one statement."""
+    statement: tuple            # the first one, as it came
+    table: str
+    set_columns: tuple
+    key_columns: tuple
+    rows: list = field(default_factory=list)     # (key literals..., value literals...) per UPDATE
+    keys: set = field(default_factory=set)
+
+    def takes(self, relname, set_columns, key_columns, key_values):
+        return (self.statement[2] == relname and self.set_columns == set_columns
+                and self.key_columns == key_columns and key_values not in self.keys and len(self.rows) < 1000)
+
+    def add(self, key_values, values):
+        self.rows.append(key_values + values)
+        self.keys.add(key_values)
+
+    def sql(self, types):
+        """UPDATE t SET c = v.p1::type ... FROM (VALUES ...) v WHERE t.k = v.p0::type ...
+
+        Every piece is already quoted by PostgreSQL: the table and literals by the master's capture
+        (format %I / %L), the columns by quote_ident and the types by regtype on the slave.
+        """
+        keys = len(self.key_columns)
+        names = ", ".join(f"p{i}" for i in range(keys + len(self.set_columns)))
+        values = ", ".join(f"({', '.join(row)})" for row in self.rows)
+        assignments = ", ".join(f"{column} = pyreplica_v.p{keys + i}::{types[column]}"
+                                for i, column in enumerate(self.set_columns))
+        match = " AND ".join(f"pyreplica_t.{column} = pyreplica_v.p{i}::{types[column]}"
+                             for i, column in enumerate(self.key_columns))
+        return (f"UPDATE {self.table} AS pyreplica_t SET {assignments} "
+                f"FROM (VALUES {values}) AS pyreplica_v({names}) WHERE {match}")
+
+
 def merge_updates(statements, column_types):
     """Consecutive single-row UPDATEs of one table setting the same columns, keyed on distinct rows
     and not changing the key, become one UPDATE ... FROM (VALUES ...): parsed and planned once.
@@ -130,57 +166,42 @@ def merge_updates(statements, column_types):
     literals of the log, cast to the column's type (its input function, as the single UPDATE's
     untyped literal was); the statement must touch exactly as many rows as it stands for.
     """
-    merged, group = [], None     # group: [first id, relname, table, set columns, key columns, rows, keys]
+    merged, run = [], None
 
-    def flush():
-        if group is None:
+    def close(run):
+        if run is None:
             return
-        if len(group[5]) == 1:
-            merged.append(group[7])
+        if len(run.rows) == 1:
+            merged.append(run.statement)
         else:
-            merged.append((group[0], "U", group[1], update_from_values(group, column_types(group[1])), len(group[5])))
+            first, _, relname, _, _ = run.statement
+            merged.append((first, "U", relname, run.sql(column_types(relname)), len(run.rows)))
 
     for statement in statements:
-        first, op, relname, sql, rows = statement
+        _, op, relname, sql, rows = statement
         parsed = parse_update(sql) if op == "U" and rows == 1 else None
-        if parsed is not None:
-            table, assignments, keys = parsed
-            set_columns = tuple(c for c, _ in assignments)
-            key_columns = tuple(c for c, _ in keys)
-            key_values = tuple(v for _, v in keys)
-            types = column_types(relname)
-            mergeable = (types is not None and not set(set_columns) & set(key_columns)
-                         and all(c in types for c in set_columns + key_columns))
-            if (mergeable and group is not None and group[1] == relname and group[3] == set_columns
-                    and group[4] == key_columns and key_values not in group[6] and len(group[5]) < 1000):
-                group[5].append(key_values + tuple(v for _, v in assignments))
-                group[6].add(key_values)
-                continue
-            flush()
-            group = ([first, relname, table, set_columns, key_columns,
-                      [key_values + tuple(v for _, v in assignments)], {key_values}, statement]
-                     if mergeable else None)
-            if group is None:
-                merged.append(statement)
+        if parsed is None:
+            close(run)
+            run = None
+            merged.append(statement)
             continue
-        flush()
-        group = None
-        merged.append(statement)
-    flush()
+        table, assignments, keys = parsed
+        set_columns, values = tuple(c for c, _ in assignments), tuple(v for _, v in assignments)
+        key_columns, key_values = tuple(c for c, _ in keys), tuple(v for _, v in keys)
+        if run is not None and run.takes(relname, set_columns, key_columns, key_values):
+            run.add(key_values, values)
+            continue
+        close(run)
+        types = column_types(relname)
+        if types is None or set(set_columns) & set(key_columns) or not all(
+                c in types for c in set_columns + key_columns):
+            run = None          # a key change, or a table the slave lacks: replayed as it is
+            merged.append(statement)
+            continue
+        run = UpdateRun(statement, table, set_columns, key_columns)
+        run.add(key_values, values)
+    close(run)
     return merged
-
-
-def update_from_values(group, types):
-    _, _, table, set_columns, key_columns, rows, _, _ = group
-    width = len(key_columns) + len(set_columns)
-    names = ", ".join(f"p{i}" for i in range(width))
-    values = ", ".join(f"({', '.join(row)})" for row in rows)
-    assignments = ", ".join(f"{column} = pyreplica_v.p{len(key_columns) + i}::{types[column]}"
-                            for i, column in enumerate(set_columns))
-    match = " AND ".join(f"pyreplica_t.{column} = pyreplica_v.p{i}::{types[column]}"
-                         for i, column in enumerate(key_columns))
-    return (f"UPDATE {table} AS pyreplica_t SET {assignments} "
-            f"FROM (VALUES {values}) AS pyreplica_v({names}) WHERE {match}")
 
 
 def slave_column_types(slave_cur):
