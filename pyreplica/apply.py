@@ -177,9 +177,14 @@ def merge_updates(statements, column_types):
             first, _, relname, _, _ = run.statement
             merged.append((first, "U", relname, run.sql(column_types(relname)), len(run.rows)))
 
-    for statement in statements:
+    for i, statement in enumerate(statements):
         _, op, relname, sql, rows = statement
-        parsed = parse_update(sql) if op == "U" and rows == 1 else None
+        # parse only what could join a run: a lone UPDATE between other events costs nothing extra
+        following = statements[i + 1] if i + 1 < len(statements) else None
+        candidate = op == "U" and rows == 1 and (
+            (run is not None and run.statement[2] == relname)
+            or (following is not None and following[1] == "U" and following[2] == relname))
+        parsed = parse_update(sql) if candidate else None
         if parsed is None:
             close(run)
             run = None
