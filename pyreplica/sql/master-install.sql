@@ -2,19 +2,35 @@
 --
 --   psql somedb -f master-install.sql          (as a superuser)
 --
--- Installs, in schema public: the log table replica_log (+ sequence replica_log_id_seq), the slave
--- registry replica_slaves, the capture trigger function py_log_replica, py_log_create_tg /
--- py_log_drop_tg to put it on tables, py_log_sql to log an administrator's SQL, and the functions
--- the daemon calls (replica_register_slave, replica_confirm, replica_prune, replica_drop_slave).
--- Running it again changes nothing and loses no log row. master-uninstall.sql removes it all.
+-- Everything lives in the schema `pyreplica`, created and owned by the installing superuser, where
+-- no other role may create anything (docs/design.md §2): the log pyreplica.replica_log (+ sequence
+-- replica_log_id_seq), the slave registry pyreplica.replica_slaves, the capture trigger function
+-- py_log_replica, the functions that manage capture, and the daemon's API (register, claim, confirm,
+-- touch, prune, drop, captured_tables, unapplied). Every pyreplica function carries a comment
+-- starting 'pyreplica:', which is how the REVOKE loop below and master-uninstall.sql find them.
 --
+-- The install guide's names keep working through thin entry points in schema public:
+-- py_log_create_tg(text), py_log_drop_tg(text), py_log_sql(text) and the view replica_log.
+-- A NOLOGIN role pyreplica_daemon gets exactly what a daemon needs (README "Security").
+--
+-- Running it again changes nothing and loses no log row; a previous install whose objects are in
+-- schema public (pyreplica 1, or the original PyReplica's replica_log) is upgraded: rows move over.
+-- It refuses, changing nothing, when an object it would create already exists with an owner that
+-- is not a superuser (someone planted it), or while one of pyreplica's batches is prepared here.
 -- The whole script is one transaction: on any error nothing is left half-installed.
 
 \set ON_ERROR_STOP on
 BEGIN;
 SET LOCAL client_min_messages = warning;
+-- Nothing below may resolve to an object someone planted: only pg_catalog is searched.
+SET LOCAL search_path = pg_catalog, pg_temp;
+-- Never queue an exclusive lock in front of every writer for long.
+SET LOCAL lock_timeout = '10s';
 
 DO $check$
+DECLARE
+    planted text;
+    doubt   record;
 BEGIN
     IF NOT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
         RAISE EXCEPTION 'pyreplica: master-install.sql must be run by a superuser (role "%" is not one)', current_user
@@ -25,6 +41,47 @@ BEGIN
             USING HINT = format('Install the package postgresql-plpython3-%s (apt-get install postgresql-plpython3-%s) and run this script again.',
                                 current_setting('server_version_num')::int / 10000,
                                 current_setting('server_version_num')::int / 10000);
+    END IF;
+
+    -- Objects this script would create or adopt, owned by a role that is not a superuser.
+    SELECT string_agg(what, '; ') INTO planted FROM (
+        SELECT format('schema pyreplica (owner %s)', n.nspowner::regrole) AS what
+          FROM pg_namespace n JOIN pg_roles r ON r.oid = n.nspowner
+         WHERE n.nspname = 'pyreplica' AND NOT r.rolsuper
+        UNION ALL
+        SELECT format('%s %s (owner %s)', CASE c.relkind WHEN 'S' THEN 'sequence' WHEN 'v' THEN 'view' ELSE 'relation' END,
+                      c.oid::regclass, c.relowner::regrole)
+          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace JOIN pg_roles r ON r.oid = c.relowner
+         WHERE NOT r.rolsuper
+           AND (n.nspname = 'pyreplica'
+                OR (n.nspname = 'public' AND c.relname IN ('replica_log', 'replica_log_id_seq', 'replica_slaves')))
+        UNION ALL
+        SELECT format('function %s (owner %s)', p.oid::regprocedure, p.proowner::regrole)
+          FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace JOIN pg_roles r ON r.oid = p.proowner
+         WHERE NOT r.rolsuper
+           AND (n.nspname = 'pyreplica'
+                OR (n.nspname = 'public' AND p.proname IN ('py_log_create_tg', 'py_log_drop_tg', 'py_log_sql')))
+        UNION ALL
+        SELECT format('type %s (owner %s)', t.oid::regtype, t.typowner::regrole)
+          FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace JOIN pg_roles r ON r.oid = t.typowner
+         WHERE n.nspname = 'pyreplica' AND NOT r.rolsuper
+        UNION ALL
+        SELECT format('schema pyreplica lets %s create objects in it', a.grantee::regrole)
+          FROM pg_namespace n CROSS JOIN LATERAL aclexplode(n.nspacl) a
+         WHERE n.nspname = 'pyreplica' AND a.privilege_type = 'CREATE' AND a.grantee <> n.nspowner
+    ) found;
+    IF planted IS NOT NULL THEN
+        RAISE EXCEPTION 'pyreplica: refusing to install: % already exist(s) and belong(s) to a role that is not a superuser', planted
+            USING HINT = 'Someone else created these names: find out why, drop them as a superuser, then run this script again.';
+    END IF;
+
+    -- Re-installing behind a prepared (in-doubt) batch would wait for its locks, and every writer
+    -- of a replicated table would queue behind us.
+    SELECT gid, prepared INTO doubt FROM pg_prepared_xacts
+     WHERE database = current_database() AND gid LIKE 'pyreplica:%' ORDER BY prepared LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'pyreplica: a batch is prepared (in doubt) on this master since % (%): settle it first with `pyreplica recover MASTER SLAVE` or by starting its daemon, then run this script again',
+                        doubt.prepared, doubt.gid;
     END IF;
 END
 $check$;
@@ -41,44 +98,77 @@ BEGIN
 END
 $lang$;
 
--- ---------------------------------------------------------------------------------------------
--- The log. One row per row change (or per TRUNCATE, or per administrator's statement).
--- ---------------------------------------------------------------------------------------------
-CREATE SEQUENCE IF NOT EXISTS public.replica_log_id_seq;
+-- The daemon's role (cluster-wide: it may exist already from another database's install).
+DO $role$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'pyreplica_daemon') THEN
+        CREATE ROLE pyreplica_daemon NOLOGIN;
+        COMMENT ON ROLE pyreplica_daemon IS
+            'pyreplica: what a replication daemon needs on a master (created by pyreplica master-install.sql)';
+    END IF;
+END
+$role$;
 
-CREATE TABLE IF NOT EXISTS public.replica_log (
-    id       bigint      NOT NULL DEFAULT nextval('public.replica_log_id_seq') PRIMARY KEY,
-    sql      text        NOT NULL,
-    username name        NOT NULL DEFAULT session_user,
-    ts       timestamptz NOT NULL DEFAULT now()
-);
--- Columns added over the original PyReplica's (an old log table is upgraded in place).
-ALTER TABLE public.replica_log
-    ADD COLUMN IF NOT EXISTS txid    xid8 NOT NULL DEFAULT pg_current_xact_id(),
-    ADD COLUMN IF NOT EXISTS relname text,
-    ADD COLUMN IF NOT EXISTS op      "char" NOT NULL DEFAULT 'S';
-ALTER SEQUENCE public.replica_log_id_seq OWNED BY public.replica_log.id;
--- Batches are chosen by transaction id (see the daemon's batch module).
-CREATE INDEX IF NOT EXISTS replica_log_txid_idx ON public.replica_log (txid);
-
-COMMENT ON TABLE public.replica_log IS
-    'pyreplica: every replicated change as the SQL statement that repeats it on a slave';
+CREATE SCHEMA IF NOT EXISTS pyreplica;
+REVOKE ALL ON SCHEMA pyreplica FROM PUBLIC;
 
 -- ---------------------------------------------------------------------------------------------
--- The slave registry: where each slave has got to (for status and pruning).
+-- The log (one row per row change, per TRUNCATE, or per administrator's statement) and the
+-- slave registry. Created only when missing, so that a re-run takes no lock on them.
 -- ---------------------------------------------------------------------------------------------
-CREATE TABLE IF NOT EXISTS public.replica_slaves (
-    name          text        PRIMARY KEY,
-    confirmed     pg_snapshot NOT NULL,    -- the master snapshot the slave has applied up to
-    batch_id      bigint      NOT NULL DEFAULT 0,
-    applied       bigint      NOT NULL DEFAULT 0,   -- events applied since registration
-    confirmed_at  timestamptz NOT NULL DEFAULT now(),
-    last_contact  timestamptz NOT NULL DEFAULT now(),
-    registered_at timestamptz NOT NULL DEFAULT now()
-);
-COMMENT ON TABLE public.replica_slaves IS 'pyreplica: one row per slave, its confirmed position';
-
-REVOKE ALL ON public.replica_log, public.replica_log_id_seq, public.replica_slaves FROM PUBLIC;
+DO $tables$
+BEGIN
+    IF to_regclass('pyreplica.replica_log') IS NULL THEN
+        CREATE SEQUENCE pyreplica.replica_log_id_seq;
+        CREATE TABLE pyreplica.replica_log (
+            id       bigint      NOT NULL DEFAULT nextval('pyreplica.replica_log_id_seq') PRIMARY KEY,
+            sql      text        NOT NULL,
+            username name        NOT NULL DEFAULT session_user,
+            ts       timestamptz NOT NULL DEFAULT now(),
+            txid     xid8        NOT NULL DEFAULT pg_current_xact_id(),   -- the writing transaction
+            relname  text,                                                -- "schema"."table", quoted
+            op       "char"      NOT NULL DEFAULT 'S'                     -- I U D T, or S: administrator's SQL
+        );
+        ALTER SEQUENCE pyreplica.replica_log_id_seq OWNED BY pyreplica.replica_log.id;
+        -- Batches are chosen by transaction id (docs/design.md §4).
+        CREATE INDEX replica_log_txid_idx ON pyreplica.replica_log (txid);
+        COMMENT ON TABLE pyreplica.replica_log IS
+            'pyreplica: every replicated change as the SQL statement that repeats it on a slave';
+        REVOKE ALL ON pyreplica.replica_log, pyreplica.replica_log_id_seq FROM PUBLIC;
+        GRANT SELECT ON pyreplica.replica_log TO pyreplica_daemon;
+    END IF;
+    IF to_regclass('pyreplica.replica_slaves') IS NULL THEN
+        CREATE TABLE pyreplica.replica_slaves (
+            name          text        PRIMARY KEY,
+            confirmed     pg_snapshot NOT NULL,    -- the master snapshot the slave has applied up to
+            batch_id      bigint      NOT NULL DEFAULT 0,
+            applied       bigint      NOT NULL DEFAULT 0,   -- events applied since registration
+            confirmed_at  timestamptz NOT NULL DEFAULT now(),
+            last_contact  timestamptz NOT NULL DEFAULT now(),
+            registered_at timestamptz NOT NULL DEFAULT now(),
+            -- the slave this name belongs to, claimed by its first daemon start (docs/design.md §6)
+            slave_system_id text,
+            slave_database  text
+        );
+        COMMENT ON TABLE pyreplica.replica_slaves IS 'pyreplica: one row per slave, its confirmed position';
+        REVOKE ALL ON pyreplica.replica_slaves FROM PUBLIC;
+        GRANT SELECT ON pyreplica.replica_slaves TO pyreplica_daemon;
+    END IF;
+    IF to_regclass('pyreplica.log_pruned') IS NULL THEN
+        -- One row once events have been removed: from then on a slave that was never registered
+        -- cannot start from "the oldest event" (docs/design.md §6).
+        CREATE TABLE pyreplica.log_pruned (
+            one       boolean     PRIMARY KEY DEFAULT true CHECK (one),
+            horizon   xid8        NOT NULL,     -- events of transactions below it are gone
+            pruned_at timestamptz NOT NULL DEFAULT now()
+        );
+        COMMENT ON TABLE pyreplica.log_pruned IS 'pyreplica: how far the log has been pruned';
+        REVOKE ALL ON pyreplica.log_pruned FROM PUBLIC;
+        GRANT SELECT ON pyreplica.log_pruned TO pyreplica_daemon;
+    END IF;
+END
+$tables$;
+GRANT USAGE ON SCHEMA pyreplica TO pyreplica_daemon;
 
 -- ---------------------------------------------------------------------------------------------
 -- Capture.
@@ -91,9 +181,23 @@ REVOKE ALL ON public.replica_log, public.replica_log_id_seq, public.replica_slav
 -- session's TimeZone, DateStyle, IntervalStyle, extra_float_digits or standard_conforming_strings.
 -- ---------------------------------------------------------------------------------------------
 
+-- Quoted names of a table's primary-key columns, in key order (NULL: no primary key).
+CREATE OR REPLACE FUNCTION pyreplica.py_log_pk(rel regclass)
+RETURNS text[]
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT array_agg(quote_ident(a.attname) ORDER BY k.ord)
+      FROM pg_index i
+     CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+     WHERE i.indrelid = rel AND i.indisprimary;
+$fn$;
+COMMENT ON FUNCTION pyreplica.py_log_pk(regclass) IS 'pyreplica: quoted primary-key columns of a table';
+
 -- The query that logs one statement's rows of table `rel` for operation `op` (I, U, D, T).
 -- py_log_replica prepares it once per backend, table and column signature.
-CREATE OR REPLACE FUNCTION public.py_log_capture_sql(rel regclass, op "char")
+CREATE OR REPLACE FUNCTION pyreplica.py_log_capture_sql(rel regclass, op "char")
 RETURNS text
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
@@ -102,7 +206,7 @@ DECLARE
     target    text := format('%I.%I', (SELECT nspname FROM pg_namespace n JOIN pg_class c ON c.relnamespace = n.oid WHERE c.oid = rel),
                                       (SELECT relname FROM pg_class WHERE oid = rel));
     cols      text[];      -- quoted names of the columns a statement writes (no generated ones)
-    pk        text[];      -- quoted names of the primary-key columns
+    pk        text[] := pyreplica.py_log_pk(rel);
     overriding text := '';
     rn        text := 'pyreplica_rn';   -- the row-number column pairing old and new rows
     stmt      text;
@@ -114,19 +218,13 @@ BEGIN
      WHERE attrelid = rel AND attnum > 0 AND NOT attisdropped AND attgenerated = '';
     overriding := CASE WHEN overriding::bool THEN ' OVERRIDING SYSTEM VALUE' ELSE '' END;
 
-    SELECT array_agg(quote_ident(a.attname) ORDER BY k.ord)
-      INTO pk
-      FROM pg_index i
-      CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
-      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-     WHERE i.indrelid = rel AND i.indisprimary;
-
     IF op = 'T' THEN
-        -- CASCADE: a TRUNCATE that succeeded here truncated every table referencing this one too,
-        -- and on a slave with the same schema a plain TRUNCATE of it would fail on those foreign keys.
-        RETURN format($q$INSERT INTO public.replica_log (txid, relname, op, sql)
+        -- No CASCADE: a TRUNCATE that cascaded here fired this trigger on every table it emptied,
+        -- each logging its own event in this transaction; the slave replays consecutive ones as one
+        -- TRUNCATE of exactly those tables, and never empties a slave-only table.
+        RETURN format($q$INSERT INTO pyreplica.replica_log (txid, relname, op, sql)
                          VALUES (pg_current_xact_id(), %L, 'T', %L)$q$,
-                      target, 'TRUNCATE ' || target || ' CASCADE');
+                      target, 'TRUNCATE ' || target);
     END IF;
     IF pk IS NULL THEN
         RAISE EXCEPTION 'pyreplica: table % has no primary key and cannot be replicated', target;
@@ -138,13 +236,13 @@ BEGIN
         stmt := format($q$%L || array_to_string(ARRAY[%s], ', ') || ')'$q$,
                        format('INSERT INTO %s (%s)%s VALUES (', target, array_to_string(cols, ', '), overriding),
                        (SELECT string_agg(format('format(''%%L'', n.%s)', c), ', ') FROM unnest(cols) c));
-        RETURN format($q$INSERT INTO public.replica_log (txid, relname, op, sql)
+        RETURN format($q$INSERT INTO pyreplica.replica_log (txid, relname, op, sql)
                          SELECT pg_current_xact_id(), %L, 'I', %s FROM pyreplica_new n$q$, target, stmt);
     ELSIF op = 'D' THEN
         -- DELETE FROM t WHERE id = '1'
         stmt := format($q$%L || %s$q$, format('DELETE FROM %s WHERE ', target),
                        (SELECT string_agg(format($e$%L || format('%%L', o.%s)$e$, c || ' = ', c), $s$ || ' AND ' || $s$) FROM unnest(pk) c));
-        RETURN format($q$INSERT INTO public.replica_log (txid, relname, op, sql)
+        RETURN format($q$INSERT INTO pyreplica.replica_log (txid, relname, op, sql)
                          SELECT pg_current_xact_id(), %L, 'D', %s FROM pyreplica_old o$q$, target, stmt);
     ELSIF op = 'U' THEN
         -- UPDATE t SET b = 'y' WHERE id = '1'; only changed columns, nothing for a no-op row.
@@ -152,14 +250,15 @@ BEGIN
         -- new versions to the two transition tables in lockstep (trigger.c, TransitionTableAddTuple),
         -- so the k-th row of one is the k-th row of the other, even when the primary key changed.
         -- Values are compared by their text form, which works for every type (json has no "=")
-        -- and sees changes "=" would hide (1.0 -> 1.00).
+        -- and sees changes "=" would hide (1.0 -> 1.00), byte for byte (COLLATE "C"): under a
+        -- column's nondeterministic collation 'abc' and 'ABC' would compare equal.
         WHILE quote_ident(rn) = ANY (cols) LOOP    -- a table may have a column of that name
             rn := rn || '_';
         END LOOP;
         stmt := format($q$array_to_string(ARRAY[%s], ', ')$q$,
-                       (SELECT string_agg(format($e$CASE WHEN format('%%L', o.%1$s) IS DISTINCT FROM format('%%L', n.%1$s) THEN %2$L || format('%%L', n.%1$s) END$e$, c, c || ' = '), ', ')
+                       (SELECT string_agg(format($e$CASE WHEN format('%%L', o.%1$s) COLLATE "C" IS DISTINCT FROM format('%%L', n.%1$s) COLLATE "C" THEN %2$L || format('%%L', n.%1$s) END$e$, c, c || ' = '), ', ')
                           FROM unnest(cols) c));
-        RETURN format($q$INSERT INTO public.replica_log (txid, relname, op, sql)
+        RETURN format($q$INSERT INTO pyreplica.replica_log (txid, relname, op, sql)
                          SELECT pg_current_xact_id(), %L, 'U', %L || s.set_list || %L || %s
                            FROM (SELECT row_number() OVER () AS %6$I, * FROM pyreplica_old) o
                            JOIN (SELECT row_number() OVER () AS %6$I, * FROM pyreplica_new) n USING (%6$I)
@@ -173,11 +272,13 @@ BEGIN
     RAISE EXCEPTION 'pyreplica: unknown operation %', op;
 END
 $fn$;
+COMMENT ON FUNCTION pyreplica.py_log_capture_sql(regclass, "char") IS
+    'pyreplica: the query that logs one statement''s rows of a table';
 
 -- The capture trigger. Kept tiny: find (or prepare once per backend) the logging query for this
 -- table, operation and column signature, run it, NOTIFY. PostgreSQL folds identical NOTIFYs of one
 -- transaction into one, so listeners get one notification per writing transaction.
-CREATE OR REPLACE FUNCTION public.py_log_replica()
+CREATE OR REPLACE FUNCTION pyreplica.py_log_replica()
 RETURNS trigger
 LANGUAGE plpython3u
 SECURITY DEFINER
@@ -195,23 +296,26 @@ AS $py$
 # ALTER TABLE changes the columns: a new signature means a new query.
 # No NOTIFY while pyreplica replays (session_replication_role = replica, reached only by
 # ENABLE ALWAYS triggers in a cascade): PostgreSQL refuses to PREPARE a transaction that sent one;
-# the daemon notifies this database's listeners itself once the batch is committed.
-NOTIFY = "SELECT pg_notify('replicas', '') WHERE current_setting('session_replication_role') <> 'replica'"
+# the daemon notifies this database's listeners itself once the batch is committed. For the same
+# reason an application that prepares its own transactions sets pyreplica.notify = off (README).
+NOTIFY = ("SELECT pg_catalog.pg_notify('replicas', '') WHERE pg_catalog.current_setting('session_replication_role') <> 'replica'"
+          " AND coalesce(pg_catalog.current_setting('pyreplica.notify', true), '') <> 'off'")
 key = (TD["relid"], TD["event"], tuple(TD["args"] or ()))
 plan = SD.get(key)
 if plan is None:
     op = {"INSERT": "I", "UPDATE": "U", "DELETE": "D", "TRUNCATE": "T"}[TD["event"]]
-    text = plpy.execute(plpy.prepare("SELECT public.py_log_capture_sql($1, $2) AS q", ["oid", '"char"']),
-                        [TD["relid"], op])[0]["q"]
+    text = plpy.execute(plpy.prepare('SELECT pyreplica.py_log_capture_sql($1::pg_catalog.regclass, $2::pg_catalog."char") AS q',
+                                     ["oid", '"char"']), [TD["relid"], op])[0]["q"]
     plan = SD[key] = (plpy.prepare(text), plpy.prepare(NOTIFY))
 if plpy.execute(plan[0]).nrows() > 0 or TD["event"] == "TRUNCATE":
     plpy.execute(plan[1])
 $py$;
+COMMENT ON FUNCTION pyreplica.py_log_replica() IS 'pyreplica: the capture trigger';
 
 -- The signature of what a table's capture query is made of: it changes when the table is renamed
 -- or moved to another schema, a column is added, dropped, renamed or retyped, becomes generated or
 -- an identity, or the primary key changes (columns or deferrability).
-CREATE OR REPLACE FUNCTION public.py_log_signature(rel regclass)
+CREATE OR REPLACE FUNCTION pyreplica.py_log_signature(rel regclass)
 RETURNS text
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
@@ -222,71 +326,77 @@ AS $fn$
       FROM pg_attribute
      WHERE attrelid = rel AND attnum > 0 AND NOT attisdropped;
 $fn$;
+COMMENT ON FUNCTION pyreplica.py_log_signature(regclass) IS 'pyreplica: the column signature of a captured table';
 
 -- Resolve a table name as the install guide's query passes it (pg_class.relname as it is, whatever
 -- its case, spaces or dots) or as a person types it ('name', 'schema.name', "Quoted"."Names").
--- A bare name found in one schema only is that table even off the search_path; a bare name found
--- in several schemas is a problem, not a guess. Temporary tables are not candidates (a slave has
+-- Every reading is tried: when they find more than one table (a relname that merely contains a dot,
+-- such as "public.accounts" in some schema, next to public.accounts), or a bare name is found in
+-- several schemas, the answer is a problem line, never a guess. A bare name found in one schema
+-- only is that table even off the search_path. Temporary tables are not candidates (a slave has
 -- none of them). Returns the table, or NULL and a line saying what is wrong.
-CREATE OR REPLACE FUNCTION public.py_log_resolve(tablename text, OUT rel regclass, OUT problem text)
+CREATE OR REPLACE FUNCTION pyreplica.py_log_resolve(tablename text, OUT rel regclass, OUT problem text)
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
     parts   text[];
-    bare    text;
-    schemas text[];
+    found   regclass[];
 BEGIN
-    -- 1. the relname itself, as the guide's query passes it
-    bare := tablename;
-    SELECT array_agg(n.nspname ORDER BY n.nspname), min(c.oid) INTO schemas, rel
+    BEGIN
+        parts := parse_ident(tablename);
+    EXCEPTION WHEN others THEN
+        parts := NULL;
+    END;
+    SELECT array_agg(DISTINCT c.oid::regclass) INTO found
       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-     WHERE c.relname = bare AND c.relkind IN ('r', 'p') AND c.relpersistence <> 't';
-    IF schemas IS NULL THEN
-        -- 2. an SQL name: unquoted parts fold to lower case
-        BEGIN
-            parts := parse_ident(tablename);
-        EXCEPTION WHEN others THEN
-            problem := format('table %s does not exist (couldn''t be replicated)!', tablename);
-            RETURN;
-        END;
-        IF array_length(parts, 1) = 2 THEN
-            SELECT c.oid INTO rel FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-             WHERE n.nspname = parts[1] AND c.relname = parts[2] AND c.relkind IN ('r', 'p')
-               AND c.relpersistence <> 't';
-        ELSIF array_length(parts, 1) = 1 THEN
-            bare := parts[1];
-            SELECT array_agg(n.nspname ORDER BY n.nspname), min(c.oid) INTO schemas, rel
-              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-             WHERE c.relname = bare AND c.relkind IN ('r', 'p') AND c.relpersistence <> 't';
-        ELSE
-            problem := format('table %s: expected name or schema.name (couldn''t be replicated)!', tablename);
-            RETURN;
-        END IF;
-    END IF;
-    IF array_length(schemas, 1) > 1 THEN
-        rel := NULL;
-        problem := format('table %s exists in several schemas (%s): give it as schema.name, e.g. %s',
-                          tablename, array_to_string(schemas, ', '), format('%I.%I', schemas[1], bare));
-    ELSIF rel IS NULL THEN
+     WHERE c.relkind IN ('r', 'p') AND c.relpersistence <> 't'
+       AND (c.relname = tablename                                                  -- the relname itself
+            OR (array_length(parts, 1) = 1 AND c.relname = parts[1])                -- an SQL name
+            OR (array_length(parts, 1) = 2 AND n.nspname = parts[1] AND c.relname = parts[2]));
+    IF array_length(found, 1) = 1 THEN
+        rel := found[1];
+    ELSIF array_length(found, 1) > 1 THEN
+        problem := format('table %s is ambiguous: it could be %s; give it as schema.name with quotes, e.g. %s',
+                          tablename,
+                          (SELECT string_agg(pyreplica.py_log_display(f), ' or ' ORDER BY pyreplica.py_log_display(f)) FROM unnest(found) f),
+                          (SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                            WHERE c.oid = found[1]));
+    ELSIF array_length(parts, 1) > 2 THEN
+        problem := format('table %s: expected name or schema.name (couldn''t be replicated)!', tablename);
+    ELSE
         problem := format('table %s does not exist (couldn''t be replicated)!', tablename);
     END IF;
 END
 $fn$;
 
-CREATE OR REPLACE FUNCTION public.py_log_is_own_table(rel regclass)
+-- How answer lines name a table: schema-qualified and quoted where needed, except the install
+-- guide's tables in schema public, which keep their bare names (`created trigger on tt (id1,id2)`).
+CREATE OR REPLACE FUNCTION pyreplica.py_log_display(rel regclass)
+RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT CASE WHEN n.nspname = 'public' THEN quote_ident(c.relname) ELSE format('%I.%I', n.nspname, c.relname) END
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.oid = rel;
+$fn$;
+COMMENT ON FUNCTION pyreplica.py_log_display(regclass) IS 'pyreplica: a table''s name in answer lines';
+COMMENT ON FUNCTION pyreplica.py_log_resolve(text) IS 'pyreplica: resolve a table name to exactly one table';
+
+CREATE OR REPLACE FUNCTION pyreplica.py_log_is_own_table(rel regclass)
 RETURNS boolean
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
-    SELECT rel IN ('public.replica_log'::regclass, 'public.replica_slaves'::regclass)
-        OR (SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel) = 'pyreplica';
+    SELECT (SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel) = 'pyreplica';
 $fn$;
+COMMENT ON FUNCTION pyreplica.py_log_is_own_table(regclass) IS 'pyreplica: is this one of pyreplica''s own tables';
 
--- The tables whose capture triggers go with rel's: rel and, for a partitioned table, every
--- partition below it. A statement fires the statement-level triggers of the table it names only,
--- so a row written straight into a partition is seen by that partition's triggers alone.
-CREATE OR REPLACE FUNCTION public.py_log_members(rel regclass)
+-- The tables whose capture triggers go with rel's: rel and every partition below it. A statement
+-- fires the statement-level triggers of the table it names only, so a row written straight into a
+-- partition is seen by that partition's triggers alone.
+CREATE OR REPLACE FUNCTION pyreplica.py_log_members(rel regclass)
 RETURNS SETOF regclass
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
@@ -295,17 +405,28 @@ AS $fn$
     UNION
     SELECT relid FROM pg_partition_tree(rel) WHERE relid::oid IN (SELECT oid FROM pg_class WHERE relkind IN ('r', 'p'));
 $fn$;
+COMMENT ON FUNCTION pyreplica.py_log_members(regclass) IS 'pyreplica: a table and its partitions';
+
+-- Is this table captured (does it carry pyreplica's capture trigger)? Asked in one place only.
+CREATE OR REPLACE FUNCTION pyreplica.py_log_is_captured(rel regclass)
+RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT EXISTS (SELECT FROM pg_trigger WHERE tgrelid = rel AND tgfoid = 'pyreplica.py_log_replica()'::regprocedure);
+$fn$;
+COMMENT ON FUNCTION pyreplica.py_log_is_captured(regclass) IS 'pyreplica: does a table carry the capture trigger';
 
 -- (Re)create the four capture triggers of one table; returns its primary-key columns.
 -- Raises if the table has no primary key.
-CREATE OR REPLACE FUNCTION public.py_log_add_triggers(rel regclass)
+CREATE OR REPLACE FUNCTION pyreplica.py_log_add_triggers(rel regclass)
 RETURNS text
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
     pkcols text;
-    sig    text := public.py_log_signature(rel);
+    sig    text := pyreplica.py_log_signature(rel);
     base   text := (SELECT relname FROM pg_class WHERE oid = rel);
     ev     text;
 BEGIN
@@ -327,9 +448,9 @@ BEGIN
     WHILE octet_length(base || '_replica_tg_x') > 63 LOOP
         base := left(base, -1);
     END LOOP;
-    PERFORM public.py_log_drop_triggers(rel);
+    PERFORM pyreplica.py_log_drop_triggers(rel);
     FOREACH ev IN ARRAY ARRAY['insert', 'update', 'delete', 'truncate'] LOOP
-        EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s %s FOR EACH STATEMENT EXECUTE FUNCTION public.py_log_replica(%L)',
+        EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s %s FOR EACH STATEMENT EXECUTE FUNCTION pyreplica.py_log_replica(%L)',
                        base || '_replica_tg' || CASE ev WHEN 'insert' THEN '' ELSE '_' || left(ev, 1) END,
                        upper(ev), rel,
                        CASE ev WHEN 'insert' THEN 'REFERENCING NEW TABLE AS pyreplica_new'
@@ -341,11 +462,12 @@ BEGIN
     RETURN pkcols;
 END
 $fn$;
+COMMENT ON FUNCTION pyreplica.py_log_add_triggers(regclass) IS 'pyreplica: (re)create the capture triggers of one table';
 
 -- Put the capture triggers on a table (and its partitions). Returns one line per table saying what
 -- happened; a problem with one table is such a line, never an error, so that the install guide's
 -- query over every table always completes. pyreplica's own tables yield no line at all.
-CREATE OR REPLACE FUNCTION public.py_log_create_tg(tablename text)
+CREATE OR REPLACE FUNCTION pyreplica.py_log_create_tg(tablename text)
 RETURNS SETOF text
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -354,49 +476,61 @@ DECLARE
     r       record;
     member  regclass;
     pkcols  text;
+    shown   text;
 BEGIN
-    SELECT * INTO r FROM public.py_log_resolve(tablename);
+    SELECT * INTO r FROM pyreplica.py_log_resolve(tablename);
     IF r.problem IS NOT NULL THEN
         RETURN NEXT r.problem;
         RETURN;
     END IF;
-    IF public.py_log_is_own_table(r.rel) THEN
+    IF pyreplica.py_log_is_own_table(r.rel) THEN
         RAISE NOTICE 'pyreplica: % is pyreplica''s own table, not replicated', r.rel;
         RETURN;
     END IF;
+    shown := pyreplica.py_log_display(r.rel);
     IF (SELECT relispartition FROM pg_class WHERE oid = r.rel) THEN
         RETURN NEXT format('table %s is a partition: replicate its partitioned table %s instead',
-                           tablename, pg_partition_root(r.rel));
+                           shown, pyreplica.py_log_display(pg_partition_root(r.rel)));
         RETURN;
     END IF;
     IF EXISTS (SELECT FROM pg_inherits WHERE inhrelid = r.rel) THEN
-        RETURN NEXT format('table %s inherits from another table (couldn''t be replicated)!', tablename);
+        RETURN NEXT format('table %s inherits from another table (couldn''t be replicated)!', shown);
         RETURN;
     END IF;
-    IF NOT EXISTS (SELECT FROM pg_index WHERE indrelid = r.rel AND indisprimary) THEN
-        RETURN NEXT format('table %s has no pk constraint (couldn''t be replicated)!', tablename);
+    -- Rows of inheritance children are seen by their own triggers only, and a parent's primary key
+    -- does not cover them: replicating the parent alone would be silently partial.
+    IF EXISTS (SELECT FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+                WHERE i.inhparent = r.rel AND NOT c.relispartition) THEN
+        RETURN NEXT format('table %s has inheritance children (%s) (couldn''t be replicated)!', shown,
+                           (SELECT string_agg(pyreplica.py_log_display(i.inhrelid), ', ' ORDER BY 1)
+                              FROM pg_inherits i WHERE i.inhparent = r.rel));
+        RETURN;
+    END IF;
+    IF pyreplica.py_log_pk(r.rel) IS NULL THEN
+        RETURN NEXT format('table %s has no pk constraint (couldn''t be replicated)!', shown);
         RETURN;
     END IF;
     -- A deferrable key may hold duplicates until the end of a statement or transaction, so a
     -- logged "WHERE key = ..." could then match two rows on the slave: refused, not corrupted.
     IF EXISTS (SELECT FROM pg_index WHERE indrelid = r.rel AND indisprimary AND NOT indimmediate) THEN
-        RETURN NEXT format('table %s has a deferrable pk constraint (couldn''t be replicated)!', tablename);
+        RETURN NEXT format('table %s has a deferrable pk constraint (couldn''t be replicated)!', shown);
         RETURN;
     END IF;
-    FOR member IN SELECT public.py_log_members(r.rel) LOOP
+    FOR member IN SELECT pyreplica.py_log_members(r.rel) LOOP
         IF member = r.rel THEN
-            pkcols := public.py_log_add_triggers(member);
+            pkcols := pyreplica.py_log_add_triggers(member);
         ELSE
-            PERFORM public.py_log_add_triggers(member);
+            PERFORM pyreplica.py_log_add_triggers(member);
         END IF;
     END LOOP;
-    RETURN NEXT format('created trigger on %s (%s)', tablename, pkcols);
+    RETURN NEXT format('created trigger on %s (%s)', shown, pkcols);
 END
 $fn$;
+COMMENT ON FUNCTION pyreplica.py_log_create_tg(text) IS 'pyreplica: start capturing a table (and its partitions)';
 
 -- Drop pyreplica's capture triggers from a table, whatever their names (the table may have been
 -- renamed since). Returns how many were dropped.
-CREATE OR REPLACE FUNCTION public.py_log_drop_triggers(rel regclass)
+CREATE OR REPLACE FUNCTION pyreplica.py_log_drop_triggers(rel regclass)
 RETURNS int
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -406,16 +540,17 @@ DECLARE
     n    int := 0;
 BEGIN
     FOR t IN SELECT tgname FROM pg_trigger
-              WHERE tgrelid = rel AND tgfoid = 'public.py_log_replica()'::regprocedure LOOP
+              WHERE tgrelid = rel AND tgfoid = 'pyreplica.py_log_replica()'::regprocedure LOOP
         EXECUTE format('DROP TRIGGER %I ON %s', t.tgname, rel);
         n := n + 1;
     END LOOP;
     RETURN n;
 END
 $fn$;
+COMMENT ON FUNCTION pyreplica.py_log_drop_triggers(regclass) IS 'pyreplica: drop the capture triggers of one table';
 
 -- Stop replicating a table (and its partitions).
-CREATE OR REPLACE FUNCTION public.py_log_drop_tg(tablename text)
+CREATE OR REPLACE FUNCTION pyreplica.py_log_drop_tg(tablename text)
 RETURNS text
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -424,23 +559,25 @@ DECLARE
     r record;
     n int := 0;
 BEGIN
-    SELECT * INTO r FROM public.py_log_resolve(tablename);
+    SELECT * INTO r FROM pyreplica.py_log_resolve(tablename);
     IF r.problem IS NOT NULL THEN
         RETURN r.problem;
     END IF;
-    SELECT sum(public.py_log_drop_triggers(m)) INTO n FROM public.py_log_members(r.rel) m;
+    SELECT sum(pyreplica.py_log_drop_triggers(m)) INTO n FROM pyreplica.py_log_members(r.rel) m;
     IF n = 0 THEN
-        RETURN format('table %s had no replica trigger', tablename);
+        RETURN format('table %s had no replica trigger', pyreplica.py_log_display(r.rel));
     END IF;
-    RETURN format('dropped trigger on %s', tablename);
+    RETURN format('dropped trigger on %s', pyreplica.py_log_display(r.rel));
 END
 $fn$;
+COMMENT ON FUNCTION pyreplica.py_log_drop_tg(text) IS 'pyreplica: stop capturing a table (and its partitions)';
 
 -- After ALTER TABLE or CREATE TABLE: for every replicated table touched (a partition counts as its
 -- partitioned table), renew the column signature of its triggers and its partitions' triggers
 -- where it changed, so that every backend prepares a new capture query (a cached one would miss
--- an added column), and put triggers on a partition just created or attached.
-CREATE OR REPLACE FUNCTION public.py_log_replica_ddl()
+-- an added column), and put triggers on a partition just created or attached. A new inheritance
+-- child of a replicated table is refused: its rows would never be captured.
+CREATE OR REPLACE FUNCTION pyreplica.py_log_replica_ddl()
 RETURNS event_trigger
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -449,47 +586,45 @@ AS $fn$
 DECLARE
     root   regclass;
     member regclass;
+    parent regclass;
 BEGIN
+    SELECT i.inhparent INTO parent
+      FROM pg_event_trigger_ddl_commands() d
+      JOIN pg_inherits i ON i.inhrelid = d.objid
+      JOIN pg_class c ON c.oid = d.objid
+     WHERE d.classid = 'pg_class'::regclass AND NOT c.relispartition
+       AND pyreplica.py_log_is_captured(i.inhparent)
+     LIMIT 1;
+    IF parent IS NOT NULL THEN
+        RAISE EXCEPTION 'pyreplica: table % is replicated and cannot get inheritance children (their rows would not be replicated)', parent
+            USING HINT = 'Use a partitioned table, or stop replicating it first: SELECT py_log_drop_tg(...);';
+    END IF;
     FOR root IN SELECT DISTINCT coalesce(pg_partition_root(objid), objid)::regclass
                   FROM pg_event_trigger_ddl_commands()
                  WHERE classid = 'pg_class'::regclass AND objsubid = 0
                    AND objid IN (SELECT oid FROM pg_class WHERE relkind IN ('r', 'p')) LOOP
-        CONTINUE WHEN NOT EXISTS (SELECT FROM pg_trigger
-                                   WHERE tgrelid = root AND tgfoid = 'public.py_log_replica()'::regprocedure);
-        FOR member IN SELECT public.py_log_members(root) LOOP
+        CONTINUE WHEN NOT pyreplica.py_log_is_captured(root);
+        FOR member IN SELECT pyreplica.py_log_members(root) LOOP
             IF NOT EXISTS (SELECT FROM pg_trigger
-                            WHERE tgrelid = member AND tgfoid = 'public.py_log_replica()'::regprocedure
-                              AND encode(tgargs, 'escape') = public.py_log_signature(member) || '\000'
+                            WHERE tgrelid = member AND tgfoid = 'pyreplica.py_log_replica()'::regprocedure
+                              AND encode(tgargs, 'escape') = pyreplica.py_log_signature(member) || '\000'
                            HAVING count(*) = 4) THEN
-                PERFORM public.py_log_add_triggers(member);
+                PERFORM pyreplica.py_log_add_triggers(member);
             END IF;
         END LOOP;
     END LOOP;
 END
 $fn$;
-
--- (Re)created only when missing or different, so that running this script again changes nothing.
-DO $evt$
-BEGIN
-    IF NOT EXISTS (SELECT FROM pg_event_trigger
-                    WHERE evtname = 'py_log_replica_ddl' AND evtevent = 'ddl_command_end'
-                      AND evtfoid = 'public.py_log_replica_ddl()'::regprocedure
-                      AND evttags = ARRAY['ALTER TABLE', 'CREATE TABLE']) THEN
-        DROP EVENT TRIGGER IF EXISTS py_log_replica_ddl;
-        CREATE EVENT TRIGGER py_log_replica_ddl ON ddl_command_end
-            WHEN TAG IN ('ALTER TABLE', 'CREATE TABLE')
-            EXECUTE FUNCTION public.py_log_replica_ddl();
-    END IF;
-END
-$evt$;
+COMMENT ON FUNCTION pyreplica.py_log_replica_ddl() IS 'pyreplica: keep capture triggers right after ALTER/CREATE TABLE';
 
 -- ---------------------------------------------------------------------------------------------
 -- An administrator's SQL (DDL to propagate): run here, and logged so every slave runs it too, in
 -- the same place of the stream. The slave runs it as the daemon's role.
--- ---------------------------------------------------------------------------------------------
 -- Runs with the caller's rights and search_path (an unqualified name means what it means to the
--- caller here; on a slave it is resolved by the daemon's search_path, so qualify names).
-CREATE OR REPLACE FUNCTION public.py_log_sql(statement text)
+-- caller here; on a slave it is resolved by the daemon's search_path, so qualify names): no SET
+-- clause, so every name in its own body is schema-qualified.
+-- ---------------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION pyreplica.py_log_sql(statement text)
 RETURNS bigint
 LANGUAGE plpgsql
 AS $fn$
@@ -497,50 +632,141 @@ DECLARE
     logged bigint;
 BEGIN
     EXECUTE statement;
-    INSERT INTO public.replica_log (txid, relname, op, sql)
-    VALUES (pg_current_xact_id(), NULL, 'S', statement)
+    INSERT INTO pyreplica.replica_log (txid, relname, op, sql)
+    VALUES (pg_catalog.pg_current_xact_id(), NULL, 'S', statement)
     RETURNING id INTO logged;
-    PERFORM pg_notify('replicas', '');
+    IF coalesce(pg_catalog.current_setting('pyreplica.notify', true), '') OPERATOR(pg_catalog.<>) 'off' THEN
+        PERFORM pg_catalog.pg_notify('replicas', '');
+    END IF;
     RETURN logged;
 END
 $fn$;
-COMMENT ON FUNCTION public.py_log_sql(text) IS
+COMMENT ON FUNCTION pyreplica.py_log_sql(text) IS
     'pyreplica: run an administrator''s SQL (e.g. ALTER TABLE) here and log it for every slave; returns its log id';
 
 -- ---------------------------------------------------------------------------------------------
--- The daemon's side of the registry (called by pyreplica, never by applications).
+-- What the daemon, clone, status and compare ask (one function per question) and the registry's
+-- state transitions (one function each, SECURITY DEFINER: the daemon's role writes nothing itself).
 -- ---------------------------------------------------------------------------------------------
 
--- Register a slave at a snapshot (default: the oldest event still in the log, i.e. a snapshot
--- that sees none of the logged transactions). Returns the slave's confirmed snapshot.
-CREATE OR REPLACE FUNCTION public.replica_register_slave(slave text, at pg_snapshot DEFAULT NULL)
+-- The captured tables: with all their columns (compare hashes them), the columns a logged
+-- statement may name (no generated ones), and the primary key.
+CREATE OR REPLACE FUNCTION pyreplica.captured_tables()
+RETURNS TABLE (rel regclass, qualified text, schema_name text, table_name text,
+               columns text[], written_columns text[], pk text[], is_partition boolean)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT c.oid::regclass, format('%I.%I', n.nspname, c.relname), n.nspname::text, c.relname::text,
+           (SELECT array_agg(a.attname::text ORDER BY a.attnum) FROM pg_attribute a
+             WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped),
+           (SELECT array_agg(a.attname::text ORDER BY a.attnum) FROM pg_attribute a
+             WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''),
+           (SELECT array_agg(a.attname::text ORDER BY k.ord)
+              FROM pg_index i
+             CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+              JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+             WHERE i.indrelid = c.oid AND i.indisprimary),
+           c.relispartition
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.oid IN (SELECT tgrelid FROM pg_trigger WHERE tgfoid = 'pyreplica.py_log_replica()'::regprocedure)
+     ORDER BY n.nspname, c.relname;
+$fn$;
+COMMENT ON FUNCTION pyreplica.captured_tables() IS 'pyreplica: the captured tables, their columns and keys';
+
+-- The events a slave at snapshot `since` has not applied (docs/design.md §4). LANGUAGE sql with no
+-- SET clause so that the planner inlines it and the batch cursor keeps using the txid index; hence
+-- the qualified operators.
+CREATE OR REPLACE FUNCTION pyreplica.unapplied(since pg_snapshot)
+RETURNS SETOF pyreplica.replica_log
+LANGUAGE sql STABLE
+AS $fn$
+    SELECT * FROM pyreplica.replica_log l
+     WHERE l.txid OPERATOR(pg_catalog.>=) pg_catalog.pg_snapshot_xmin(since)
+       AND NOT pg_catalog.pg_visible_in_snapshot(l.txid, since)
+$fn$;
+COMMENT ON FUNCTION pyreplica.unapplied(pg_snapshot) IS 'pyreplica: events not visible in a slave''s snapshot';
+
+-- Register a slave at a snapshot (default: now, the start of a guide-style dump). A name belongs to
+-- one slave: registering a name that exists needs drop_slave first.
+CREATE OR REPLACE FUNCTION pyreplica.register_slave(slave text, at pg_snapshot DEFAULT NULL,
+                                                    slave_system_id text DEFAULT NULL, slave_database text DEFAULT NULL)
 RETURNS pg_snapshot
 LANGUAGE plpgsql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
-    start pg_snapshot;
+    start pg_snapshot := coalesce(at, pg_current_snapshot());
 BEGIN
-    IF at IS NULL THEN
-        start := coalesce((SELECT min(txid)::text || ':' || min(txid)::text || ':' FROM public.replica_log),
-                          pg_current_snapshot()::text)::pg_snapshot;
-    ELSE
-        start := at;
+    INSERT INTO pyreplica.replica_slaves AS s (name, confirmed, slave_system_id, slave_database)
+    VALUES (slave, start, register_slave.slave_system_id, register_slave.slave_database)
+    ON CONFLICT (name) DO NOTHING;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pyreplica: a slave named "%" is already registered on this master', slave
+            USING HINT = format('Choose another name (--name), or forget the old slave first: pyreplica drop-slave %s MASTER', slave);
     END IF;
-    INSERT INTO public.replica_slaves (name, confirmed) VALUES (slave, start)
-    ON CONFLICT (name) DO UPDATE SET confirmed = EXCLUDED.confirmed, batch_id = 0, applied = 0,
-                                     confirmed_at = now(), last_contact = now(), registered_at = now();
     RETURN start;
 END
 $fn$;
+COMMENT ON FUNCTION pyreplica.register_slave(text, pg_snapshot, text, text) IS 'pyreplica: register a slave at a snapshot';
 
-CREATE OR REPLACE FUNCTION public.replica_confirm(slave text, snap pg_snapshot, batch bigint, events bigint)
+-- Where a slave that was never registered may start: before the oldest event, as long as no
+-- event was ever removed; NULL once the log has been pruned (it must be registered or cloned).
+CREATE OR REPLACE FUNCTION pyreplica.log_start()
+RETURNS pg_snapshot
+LANGUAGE sql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT CASE WHEN EXISTS (SELECT FROM pyreplica.log_pruned) THEN NULL
+                ELSE coalesce((SELECT (min(txid)::text || ':' || min(txid)::text || ':')::pg_snapshot
+                                 FROM pyreplica.replica_log),
+                              pg_current_snapshot())
+           END;
+$fn$;
+COMMENT ON FUNCTION pyreplica.log_start() IS
+    'pyreplica: a snapshot before every event ever logged, or NULL when events have been removed';
+
+-- A daemon claims its name for its slave (system identifier and database): the first start
+-- records the identity, every later start must match it.
+CREATE OR REPLACE FUNCTION pyreplica.claim_slave(slave text, slave_system_id text, slave_database text)
+RETURNS TABLE (confirmed text, batch_id bigint)
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    s pyreplica.replica_slaves;
+BEGIN
+    SELECT * INTO s FROM pyreplica.replica_slaves r WHERE r.name = slave FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    IF s.slave_system_id IS NULL THEN
+        UPDATE pyreplica.replica_slaves r
+           SET slave_system_id = claim_slave.slave_system_id, slave_database = claim_slave.slave_database,
+               last_contact = now()
+         WHERE r.name = slave;
+    ELSIF (s.slave_system_id, s.slave_database) IS DISTINCT FROM (claim_slave.slave_system_id, claim_slave.slave_database) THEN
+        RAISE EXCEPTION 'pyreplica: slave name "%" belongs to another slave (database % of server %), not to this one (database % of server %)',
+                        slave, s.slave_database, s.slave_system_id, claim_slave.slave_database, claim_slave.slave_system_id
+            USING HINT = 'Give this slave its own name (--name or SLAVE_FIELD); to reuse the name, drop the other slave first (pyreplica drop-slave).',
+                  ERRCODE = 'PR002';
+    END IF;
+    RETURN QUERY SELECT s.confirmed::text, s.batch_id;
+END
+$fn$;
+COMMENT ON FUNCTION pyreplica.claim_slave(text, text, text) IS 'pyreplica: check (or record) which slave owns a name';
+
+CREATE OR REPLACE FUNCTION pyreplica.confirm(slave text, snap pg_snapshot, batch bigint, events bigint)
 RETURNS void
 LANGUAGE plpgsql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 BEGIN
-    UPDATE public.replica_slaves
+    UPDATE pyreplica.replica_slaves
        SET confirmed = snap, batch_id = batch, applied = applied + events,
            confirmed_at = now(), last_contact = now()
      WHERE name = slave;
@@ -550,45 +776,174 @@ BEGIN
     END IF;
 END
 $fn$;
+COMMENT ON FUNCTION pyreplica.confirm(text, pg_snapshot, bigint, bigint) IS 'pyreplica: record a slave''s new position';
+
+CREATE OR REPLACE FUNCTION pyreplica.touch(slave text)
+RETURNS void
+LANGUAGE sql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    UPDATE pyreplica.replica_slaves SET last_contact = now() WHERE name = slave;
+$fn$;
+COMMENT ON FUNCTION pyreplica.touch(text) IS 'pyreplica: a slave''s daemon is alive';
 
 -- Delete, in small batches, the events every registered slave has confirmed: those of
--- transactions older than the oldest confirmed snapshot's xmin. Returns how many were deleted.
-CREATE OR REPLACE FUNCTION public.replica_prune(batch_size int DEFAULT 5000)
+-- transactions older than the oldest confirmed snapshot's xmin. One prune at a time (several
+-- daemons deleting the same rows would deadlock); returns how many were deleted.
+CREATE OR REPLACE FUNCTION pyreplica.prune(batch_size int DEFAULT 5000)
 RETURNS bigint
 LANGUAGE plpgsql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
-    horizon xid8 := (SELECT min(pg_snapshot_xmin(confirmed)) FROM public.replica_slaves);
+    horizon xid8 := (SELECT min(pg_snapshot_xmin(confirmed)) FROM pyreplica.replica_slaves);
     deleted bigint;
 BEGIN
-    IF horizon IS NULL THEN
-        RETURN 0;   -- no slave registered yet: keep everything for the first one
+    IF horizon IS NULL OR NOT pg_try_advisory_xact_lock(hashtext('pyreplica prune')) THEN
+        RETURN 0;   -- no slave registered yet (keep everything), or another daemon is pruning
     END IF;
-    DELETE FROM public.replica_log
-     WHERE id IN (SELECT id FROM public.replica_log WHERE txid < horizon LIMIT batch_size);
+    DELETE FROM pyreplica.replica_log
+     WHERE id IN (SELECT id FROM pyreplica.replica_log WHERE txid < horizon ORDER BY id LIMIT batch_size);
     GET DIAGNOSTICS deleted = ROW_COUNT;
+    IF deleted > 0 THEN
+        INSERT INTO pyreplica.log_pruned (horizon) VALUES (horizon)
+        ON CONFLICT (one) DO UPDATE SET horizon = EXCLUDED.horizon, pruned_at = now();
+    END IF;
     RETURN deleted;
 END
 $fn$;
+COMMENT ON FUNCTION pyreplica.prune(int) IS 'pyreplica: delete events every slave has applied';
 
-CREATE OR REPLACE FUNCTION public.replica_drop_slave(slave text)
+CREATE OR REPLACE FUNCTION pyreplica.drop_slave(slave text)
 RETURNS boolean
 LANGUAGE sql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $fn$
-    WITH gone AS (DELETE FROM public.replica_slaves WHERE name = slave RETURNING 1)
+    WITH gone AS (DELETE FROM pyreplica.replica_slaves WHERE name = slave RETURNING 1)
     SELECT EXISTS (SELECT FROM gone);
 $fn$;
+COMMENT ON FUNCTION pyreplica.drop_slave(text) IS 'pyreplica: forget a slave';
 
--- Only superusers (and roles the administrator grants them to) manage replication.
-REVOKE ALL ON FUNCTION public.py_log_replica(), public.py_log_replica_ddl(),
-    public.py_log_capture_sql(regclass, "char"), public.py_log_signature(regclass),
-    public.py_log_resolve(text), public.py_log_is_own_table(regclass), public.py_log_members(regclass),
-    public.py_log_add_triggers(regclass), public.py_log_create_tg(text),
-    public.py_log_drop_triggers(regclass), public.py_log_drop_tg(text), public.py_log_sql(text),
-    public.replica_register_slave(text, pg_snapshot), public.replica_confirm(text, pg_snapshot, bigint, bigint),
-    public.replica_prune(int), public.replica_drop_slave(text)
-    FROM PUBLIC;
+-- ---------------------------------------------------------------------------------------------
+-- Upgrade of an install in schema public (pyreplica 1, or the original PyReplica's replica_log,
+-- owned by a superuser: checked above): the log's rows and the registry move over, the capture
+-- triggers are re-created on the new function, the old objects go.
+-- ---------------------------------------------------------------------------------------------
+DO $upgrade$
+DECLARE
+    rel  regclass;
+    t    record;
+    f    regprocedure;
+BEGIN
+    IF (SELECT relkind FROM pg_class WHERE oid = to_regclass('public.replica_log')) IS DISTINCT FROM 'r' THEN
+        RETURN;
+    END IF;
+    INSERT INTO pyreplica.replica_log (id, sql, username, ts, txid, relname, op)
+    SELECT (j->>'id')::bigint, j->>'sql', coalesce(j->>'username', 'unknown'),
+           coalesce((j->>'ts')::timestamptz, now()),
+           coalesce((j->>'txid')::xid8, '1'::xid8),   -- no txid: committed long ago, older than any slave
+           j->>'relname', coalesce(j->>'op', 'S')::"char"
+      FROM (SELECT to_jsonb(o) AS j FROM public.replica_log o) old;
+    PERFORM setval('pyreplica.replica_log_id_seq',
+                   greatest((SELECT max(id) FROM pyreplica.replica_log), 1),
+                   (SELECT max(id) FROM pyreplica.replica_log) IS NOT NULL);
+    IF to_regclass('public.replica_slaves') IS NOT NULL THEN
+        INSERT INTO pyreplica.replica_slaves (name, confirmed, batch_id, applied, confirmed_at, last_contact, registered_at)
+        SELECT name, confirmed, batch_id, applied, confirmed_at, last_contact, registered_at FROM public.replica_slaves
+        ON CONFLICT (name) DO NOTHING;
+        IF FOUND THEN   -- slaves were registered, so the old log may have been pruned
+            INSERT INTO pyreplica.log_pruned (horizon)
+            SELECT coalesce(min(txid), pg_current_xact_id()) FROM pyreplica.replica_log ON CONFLICT DO NOTHING;
+        END IF;
+    END IF;
+    IF to_regprocedure('public.py_log_replica()') IS NOT NULL THEN
+        FOR rel IN SELECT DISTINCT tgrelid::regclass FROM pg_trigger
+                    WHERE tgfoid = 'public.py_log_replica()'::regprocedure LOOP
+            FOR t IN SELECT tgname FROM pg_trigger
+                      WHERE tgrelid = rel AND tgfoid = 'public.py_log_replica()'::regprocedure LOOP
+                EXECUTE format('DROP TRIGGER %I ON %s', t.tgname, rel);
+            END LOOP;
+            PERFORM pyreplica.py_log_add_triggers(rel);
+        END LOOP;
+    END IF;
+    DROP EVENT TRIGGER IF EXISTS py_log_replica_ddl;
+    FOR f IN SELECT p.oid::regprocedure FROM pg_proc p
+              WHERE p.pronamespace = 'public'::regnamespace
+                AND p.proname IN ('py_log_replica', 'py_log_replica_ddl', 'py_log_capture_sql', 'py_log_signature',
+                                  'py_log_resolve', 'py_log_is_own_table', 'py_log_members', 'py_log_add_triggers',
+                                  'py_log_create_tg', 'py_log_drop_triggers', 'py_log_drop_tg', 'py_log_sql',
+                                  'replica_register_slave', 'replica_confirm', 'replica_prune', 'replica_drop_slave') LOOP
+        EXECUTE format('DROP FUNCTION %s CASCADE', f);   -- CASCADE: the old triggers
+    END LOOP;
+    DROP TABLE public.replica_log;
+    DROP TABLE IF EXISTS public.replica_slaves;
+    DROP SEQUENCE IF EXISTS public.replica_log_id_seq;
+END
+$upgrade$;
+
+-- (Re)created only when missing or different, so that running this script again changes nothing.
+DO $evt$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_event_trigger
+                    WHERE evtname = 'py_log_replica_ddl' AND evtevent = 'ddl_command_end'
+                      AND evtfoid = 'pyreplica.py_log_replica_ddl()'::regprocedure
+                      AND evttags = ARRAY['ALTER TABLE', 'CREATE TABLE']) THEN
+        DROP EVENT TRIGGER IF EXISTS py_log_replica_ddl;
+        CREATE EVENT TRIGGER py_log_replica_ddl ON ddl_command_end
+            WHEN TAG IN ('ALTER TABLE', 'CREATE TABLE')
+            EXECUTE FUNCTION pyreplica.py_log_replica_ddl();
+    END IF;
+END
+$evt$;
+
+-- ---------------------------------------------------------------------------------------------
+-- The install guide's names, in schema public: thin entry points, each an exact (text) match
+-- that calls the real function by its qualified name, and the log as a view.
+-- ---------------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION public.py_log_create_tg(tablename text)
+RETURNS SETOF text LANGUAGE sql
+AS $fn$ SELECT pyreplica.py_log_create_tg(tablename) $fn$;
+COMMENT ON FUNCTION public.py_log_create_tg(text) IS 'pyreplica: entry point of pyreplica.py_log_create_tg';
+
+CREATE OR REPLACE FUNCTION public.py_log_drop_tg(tablename text)
+RETURNS text LANGUAGE sql
+AS $fn$ SELECT pyreplica.py_log_drop_tg(tablename) $fn$;
+COMMENT ON FUNCTION public.py_log_drop_tg(text) IS 'pyreplica: entry point of pyreplica.py_log_drop_tg';
+
+CREATE OR REPLACE FUNCTION public.py_log_sql(statement text)
+RETURNS bigint LANGUAGE sql
+AS $fn$ SELECT pyreplica.py_log_sql(statement) $fn$;
+COMMENT ON FUNCTION public.py_log_sql(text) IS 'pyreplica: entry point of pyreplica.py_log_sql';
+
+DO $view$
+BEGIN
+    IF to_regclass('public.replica_log') IS NULL THEN
+        CREATE VIEW public.replica_log AS SELECT * FROM pyreplica.replica_log;
+        COMMENT ON VIEW public.replica_log IS 'pyreplica: the log (pyreplica.replica_log), as the install guide reads it';
+        REVOKE ALL ON public.replica_log FROM PUBLIC;
+    END IF;
+END
+$view$;
+
+-- Only superusers (and roles the administrator grants them to) manage replication; the daemon's
+-- role may call its API. Every pyreplica function is found by its comment, none is forgotten.
+DO $grants$
+DECLARE
+    f regprocedure;
+BEGIN
+    FOR f IN SELECT p.oid::regprocedure FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+              WHERE n.nspname IN ('pyreplica', 'public') AND obj_description(p.oid, 'pg_proc') LIKE 'pyreplica:%' LOOP
+        EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);
+    END LOOP;
+    GRANT EXECUTE ON FUNCTION pyreplica.captured_tables(), pyreplica.unapplied(pg_snapshot),
+        pyreplica.register_slave(text, pg_snapshot, text, text), pyreplica.log_start(),
+        pyreplica.claim_slave(text, text, text), pyreplica.confirm(text, pg_snapshot, bigint, bigint),
+        pyreplica.touch(text), pyreplica.prune(int), pyreplica.drop_slave(text)
+        TO pyreplica_daemon;
+END
+$grants$;
 
 COMMIT;

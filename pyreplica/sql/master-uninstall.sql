@@ -3,36 +3,61 @@
 --   psql somedb -f master-uninstall.sql        (as a superuser)
 --
 -- Drops every capture trigger pyreplica created and every object master-install.sql created, the
--- log included, and nothing else. One transaction: all or nothing.
+-- log included, and nothing else: pyreplica's functions are found by their 'pyreplica:' comment,
+-- so a slave's own objects in schema pyreplica (a node that is master and slave) stay.
+-- One transaction: all or nothing.
 
 \set ON_ERROR_STOP on
 BEGIN;
 SET LOCAL client_min_messages = warning;
+SET LOCAL search_path = pg_catalog, pg_temp;
+SET LOCAL lock_timeout = '10s';
 
-DO $drop_triggers$
+DO $drop$
 DECLARE
     t record;
+    f regprocedure;
 BEGIN
-    IF to_regprocedure('public.py_log_replica()') IS NULL THEN
-        RETURN;
+    IF to_regprocedure('pyreplica.py_log_replica()') IS NOT NULL THEN
+        FOR t IN SELECT tgname, tgrelid::regclass AS rel FROM pg_trigger
+                  WHERE tgfoid = 'pyreplica.py_log_replica()'::regprocedure LOOP
+            EXECUTE format('DROP TRIGGER %I ON %s', t.tgname, t.rel);
+        END LOOP;
     END IF;
-    FOR t IN SELECT tgname, tgrelid::regclass AS rel FROM pg_trigger
-              WHERE tgfoid = 'public.py_log_replica()'::regprocedure LOOP
-        EXECUTE format('DROP TRIGGER %I ON %s', t.tgname, t.rel);
+    DROP EVENT TRIGGER IF EXISTS py_log_replica_ddl;
+    IF obj_description(to_regclass('public.replica_log'), 'pg_class') LIKE 'pyreplica:%' THEN
+        DROP VIEW public.replica_log;
+    END IF;
+    FOR f IN SELECT p.oid::regprocedure FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+              WHERE n.nspname IN ('pyreplica', 'public') AND obj_description(p.oid, 'pg_proc') LIKE 'pyreplica:%'
+                LOOP
+        EXECUTE format('DROP FUNCTION %s', f);
     END LOOP;
+    DROP TABLE IF EXISTS pyreplica.replica_log, pyreplica.replica_slaves, pyreplica.log_pruned;
+    IF NOT EXISTS (SELECT FROM pg_class c WHERE c.relnamespace = 'pyreplica'::regnamespace)
+       AND NOT EXISTS (SELECT FROM pg_proc p WHERE p.pronamespace = 'pyreplica'::regnamespace)
+       AND NOT EXISTS (SELECT FROM pg_type ty WHERE ty.typnamespace = 'pyreplica'::regnamespace) THEN
+        DROP SCHEMA pyreplica;
+    END IF;
+EXCEPTION WHEN invalid_schema_name THEN
+    NULL;   -- never installed
 END
-$drop_triggers$;
+$drop$;
 
-DROP EVENT TRIGGER IF EXISTS py_log_replica_ddl;
-DROP FUNCTION IF EXISTS
-    public.py_log_replica(), public.py_log_replica_ddl(), public.py_log_capture_sql(regclass, "char"),
-    public.py_log_signature(regclass), public.py_log_resolve(text), public.py_log_is_own_table(regclass),
-    public.py_log_members(regclass), public.py_log_add_triggers(regclass), public.py_log_create_tg(text), public.py_log_drop_triggers(regclass), public.py_log_drop_tg(text),
-    public.py_log_sql(text), public.replica_register_slave(text, pg_snapshot),
-    public.replica_confirm(text, pg_snapshot, bigint, bigint), public.replica_prune(int),
-    public.replica_drop_slave(text);
-DROP TABLE IF EXISTS public.replica_log, public.replica_slaves;
-DROP SEQUENCE IF EXISTS public.replica_log_id_seq;
+-- The daemon's role is cluster-wide: it goes only when this script's install made it and no
+-- database of the cluster still grants it anything (DROP ROLE refuses then).
+DO $role$
+BEGIN
+    IF EXISTS (SELECT FROM pg_roles r WHERE r.rolname = 'pyreplica_daemon'
+                AND shobj_description(r.oid, 'pg_authid') LIKE 'pyreplica:%') THEN
+        BEGIN
+            DROP ROLE pyreplica_daemon;
+        EXCEPTION WHEN dependent_objects_still_exist THEN
+            RAISE NOTICE 'pyreplica: role pyreplica_daemon is still used elsewhere, left in place';
+        END;
+    END IF;
+END
+$role$;
 
 -- PL/Python goes only if master-install.sql created it (it said so in the extension's comment) and
 -- no function of this database is written in it any more.
