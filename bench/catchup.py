@@ -61,7 +61,7 @@ def measure(master_cluster, slave_cluster, scale, progress=print):
         for slave in (py_slave, native_slave):
             slave.execute(SCHEMA)
             slave.execute(PREFILL, (scale.catchup_prefill,))
-        master.execute("SELECT replica_register_slave(%s)", (name,))
+        master.execute("SELECT pyreplica.register_slave(%s)", (name,))
         master.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (f"catchup_slot{r}",))
         create_subscription(native_slave, master, f"catchup_sub{r}", "catchup_pub", enabled=False,
                             create_slot=False, slot_name=f"catchup_slot{r}", copy_data=False)

@@ -22,7 +22,7 @@ def measure(master_cluster, slave_cluster, scale, progress=print):
     for r in range(scale.memory_rounds):
         slave = DB(slave_cluster, f"memory{r}")
         slave.execute(SCHEMA)
-        master.execute("SELECT replica_register_slave(%s)", (f"memory{r}",))
+        master.execute("SELECT pyreplica.register_slave(%s)", (f"memory{r}",))
         slaves.append((f"memory{r}", slave))
     rows = scale.memory_rows
     write_seconds = timed(master, BIG, (rows,))

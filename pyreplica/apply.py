@@ -252,5 +252,5 @@ def _apply_error(error, events, conflict):
 
 
 def write_position(slave_cur, batch):
-    slave_cur.execute(WRITE_POSITION, {"slave": batch.slave, "cur": batch.cur,
-                                       "batch_id": batch.batch_id, "events": batch.events})
+    slave_cur.execute(WRITE_POSITION, {"slave": batch.slave, "cur": batch.end_snapshot,
+                                       "batch_id": batch.batch_id, "events": batch.applied})

@@ -1,64 +1,111 @@
-"""Choosing what to replay (DESIGN §4): batches between two master snapshots.
+"""A batch and its life (docs/design.md §4-§5): begin -> apply -> finish (prepare, commit), or abandon.
 
-A batch holds the events whose transaction is visible in the new snapshot and not in the previous
-one, in id order. Events of transactions still open are not visible yet and come in a later batch;
-those of rolled-back transactions never become visible. xid8 comparisons are wraparound-safe.
+A batch holds the events whose transaction is visible in the new master snapshot and not in the
+previous one, in id order. Events of transactions still open are not visible yet and come in a
+later batch; those of rolled-back transactions never become visible. xid8 comparisons are
+wraparound-safe.
+
+    step       what it does                                        if the daemon dies here, the next start
+    begin      master tpc_begin, take the end snapshot             finds nothing prepared: nothing to do
+    apply      slave tpc_begin, stream -> filter -> apply chunks,  finds nothing prepared: the slave's
+               write the slave's new position                      transaction is gone, replayed again
+    finish     twophase.prepare_and_commit                         settles what is prepared (twophase.decide)
+    abandon    roll both sides back (nothing prepared yet)
 """
+import queue
+import threading
 from collections import namedtuple
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import psycopg2
+import psycopg2.extensions
+
+from . import apply, log, master, twophase
 
 Event = namedtuple("Event", "id txid relname op sql username")
-
-# Runs first in the batch's REPEATABLE READ transaction on the master, so the transaction's own
-# snapshot, which the event query reads with, is this very snapshot.
-CURRENT_SNAPSHOT = "SELECT pg_current_snapshot()::text"
-
-# %(prev)s / %(cur)s are snapshots; the txid range lets the txid index do the work.
-BATCH_EVENTS = """
-SELECT id, txid::text, relname, op::text, sql, username::text
-  FROM public.replica_log
- WHERE txid >= pg_snapshot_xmin(%(prev)s::pg_snapshot)
-   AND txid <  pg_snapshot_xmax(%(cur)s::pg_snapshot)
-   AND pg_visible_in_snapshot(txid, %(cur)s::pg_snapshot)
-   AND NOT pg_visible_in_snapshot(txid, %(prev)s::pg_snapshot)
-   AND (%(skip_user)s::text IS NULL OR username::text <> %(skip_user)s::text)
- ORDER BY id
-"""
 
 FETCH_ROWS = 2000  # rows per network fetch from the master's server-side cursor
 
 
+class Stopping(Exception):
+    """SIGINT/SIGTERM arrived while a batch was being applied: abandon it."""
+
+
 @dataclass
 class Batch:
-    slave: str          # the slave's name on the master
-    batch_id: int       # previous batch's id + 1
-    prev: str           # snapshot the slave has applied up to
-    cur: str            # snapshot this batch brings it to
-    events: int = 0     # events applied (after filters)
+    slave: str                  # the slave's name on the master
+    batch_id: int               # previous batch's id + 1
+    start_snapshot: str         # master snapshot the slave has applied up to
+    token: str                  # the slave's identity token, part of the gids
+    end_snapshot: str = None    # master snapshot this batch brings it to
+    applied: int = 0            # events applied (after filters)
+    _gids: dict = field(default_factory=dict, repr=False)
+
+    # -- the steps ------------------------------------------------------------------------------
+    @classmethod
+    def begin(cls, sides, position):
+        """Open the master's side and take the end snapshot; None when nothing was committed since."""
+        start_snapshot, last_batch = position
+        batch = cls(sides.name, last_batch + 1, start_snapshot, sides.token)
+        sides.reader.tpc_begin(batch.gid("master"))
+        try:
+            with sides.reader.cursor() as cur:
+                # first statement of the REPEATABLE READ transaction: the event query reads with
+                # this very snapshot
+                batch.end_snapshot = master.current_snapshot(cur)
+        except BaseException:
+            abandon(sides)
+            raise
+        if batch.end_snapshot == batch.start_snapshot:
+            sides.reader.tpc_rollback()
+            return None
+        return batch
+
+    def apply(self, sides, pipeline, settings, precise=False, stopping=lambda: False, progress=lambda b: None):
+        """Replay the batch's events into the slave's open transaction, and its new position."""
+        try:
+            sides.slave.tpc_begin(self.gid("slave"))
+            with sides.slave.cursor() as cur:
+                events = stream_events(sides.reader, self, settings.SKIP_USER, settings.BATCH_EVENTS,
+                                       settings.BATCH_BYTES)
+                with ReadAhead(events) as chunks:
+                    for chunk in chunks:
+                        if stopping():
+                            raise Stopping()
+                        chunk = pipeline(chunk)
+                        if settings.DEBUG_LEVEL >= 2:
+                            for event in chunk:
+                                log.get().debug("Executing: %s", event.sql)
+                        if chunk:
+                            apply.apply_chunk(cur, chunk, precise)
+                            self.applied += len(chunk)
+                            progress(self)
+                apply.write_position(cur, self)
+        except BaseException:
+            abandon(sides)
+            raise
+
+    def finish(self, sides):
+        """PREPARE both sides, then COMMIT PREPARED both (twophase's order)."""
+        twophase.prepare_and_commit(sides.reader, sides.slave, self)
 
     def gid(self, side):
-        """Global transaction id of this batch on one side: names pyreplica, the slave and the batch."""
-        return f"pyreplica:{self.slave}:{self.batch_id}:{side}"
+        """This batch's transaction name on one side (twophase's format), the same on every call."""
+        if side not in self._gids:
+            self._gids[side] = twophase.make_gid(self.slave, self.batch_id, side, self.token)
+        return self._gids[side]
 
 
-def gid_prefix(slave):
-    return f"pyreplica:{slave}:"
-
-
-def parse_gid(gid):
-    """(slave, batch_id, side) of one of our gids, or None for anybody else's."""
-    parts = gid.split(":")
-    if len(parts) != 4 or parts[0] != "pyreplica" or parts[3] not in ("master", "slave"):
-        return None
-    try:
-        return parts[1], int(parts[2]), parts[3]
-    except ValueError:
-        return None
-
-
-def take_snapshot(master_cur):
-    master_cur.execute(CURRENT_SNAPSHOT)
-    return master_cur.fetchone()[0]
+def abandon(sides):
+    """Roll back the batch in flight (nothing of it is prepared yet)."""
+    for conn in (sides.slave, sides.reader):
+        if conn is None or conn.closed:
+            continue
+        try:
+            if conn.status != psycopg2.extensions.STATUS_READY:
+                conn.tpc_rollback()
+        except psycopg2.Error:
+            pass
 
 
 def stream_events(master_conn, batch, skip_user=None, max_events=5000, max_bytes=8 << 20):
@@ -68,7 +115,8 @@ def stream_events(master_conn, batch, skip_user=None, max_events=5000, max_bytes
     """
     with master_conn.cursor(name=f"pyreplica_batch_{batch.batch_id}") as cur:
         cur.itersize = FETCH_ROWS
-        cur.execute(BATCH_EVENTS, {"prev": batch.prev, "cur": batch.cur, "skip_user": skip_user or None})
+        cur.execute(master.BATCH_EVENTS, {"start": batch.start_snapshot, "end": batch.end_snapshot,
+                                          "skip_user": skip_user or None})
         chunk, size = [], 0
         for row in cur:
             event = Event(*row)
@@ -92,15 +140,12 @@ class ReadAhead:
     _DONE = object()
 
     def __init__(self, generator, depth=2):
-        import queue
-        import threading
         self.generator = generator
         self.queue = queue.Queue(maxsize=depth)
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._produce, name="pyreplica-read-ahead", daemon=True)
 
     def _put(self, item):
-        import queue
         while not self.stopping.is_set():
             try:
                 self.queue.put(item, timeout=0.1)

@@ -39,6 +39,14 @@ def build_parser():
     drop.add_argument("master", nargs="?", help="master connection string (or DSN0 / -c)")
     drop.add_argument("-c", "--config", metavar="CONF")
 
+    register = sub.add_parser("register", help="register a slave on the master before copying its data by hand")
+    register.add_argument("slave_name", metavar="NAME")
+    register.add_argument("master", nargs="?", help="master connection string (or DSN0 / -c)")
+    register.add_argument("-c", "--config", metavar="CONF")
+
+    recover = sub.add_parser("recover", help="settle a slave's in-doubt prepared batches, without replicating")
+    add_server_args(recover)
+
     for name, text in (("status", "per slave: position, lag, last contact, in-doubt transactions"),
                        ("compare", "row counts and content hashes of every replicated table on both sides")):
         cmd = sub.add_parser(name, help=text)
@@ -110,6 +118,23 @@ def cmd_drop_slave(args):
     return drop_slave(dsn, args.slave_name)
 
 
+def cmd_register(args):
+    from .admin import register
+    if args.config:
+        dsn = configuration.load(args.config).DSN0
+    else:
+        dsn = args.master or configuration.from_args(None, "unused").DSN0
+    return register(dsn, args.slave_name)
+
+
+def cmd_recover(args):
+    from .admin import recover
+    config = load_config(args)
+    name = slave_name(args, config)
+    log.setup(config.NAME or name, config.DEBUG_LEVEL)
+    return recover(config, name)
+
+
 def cmd_status(args):
     from .status import status
     if not args.config and not args.slave and not os.environ.get("DSN1"):
@@ -137,7 +162,8 @@ def cmd_service(args):
     return service_main(args)
 
 
-COMMANDS = {"run": cmd_run, "clone": cmd_clone, "drop-slave": cmd_drop_slave, "status": cmd_status,
+COMMANDS = {"run": cmd_run, "clone": cmd_clone, "drop-slave": cmd_drop_slave, "register": cmd_register,
+            "recover": cmd_recover, "status": cmd_status,
             "compare": cmd_compare, "demo": cmd_demo, "service": cmd_service}
 
 

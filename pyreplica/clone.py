@@ -1,11 +1,13 @@
 """`pyreplica clone` (DESIGN §8): a new slave from one exported master snapshot, writers never stopped.
 
-1. On the master, a REPEATABLE READ transaction exports its snapshot; the slave is registered at
-   that very snapshot at once, so pruning keeps every event it will need.
-2. pg_dump --snapshot dumps the schema and the replicated tables' data as of that snapshot.
+1. The slave is registered on the master (with its identity) at the current snapshot, and that
+   registration is committed: from then on pruning keeps every event the slave may need.
+2. A REPEATABLE READ transaction on the master exports its snapshot, taken after the
+   registration's; pg_dump --snapshot dumps the schema and the replicated tables' data as of it.
 3. pg_restore's script is fed to psql in ONE slave transaction, together with the slave's
-   position (that snapshot, batch 0): a failed clone leaves the slave as it was.
-Events visible in the snapshot are in the copy; `run` replays every later one, nothing twice.
+   position (the exported snapshot, batch 0): a failed clone leaves the slave as it was.
+4. The master's record moves up to the exported snapshot.
+Events visible in the exported snapshot are in the copy; `run` replays every later one, nothing twice.
 """
 import contextlib
 import os
@@ -14,29 +16,22 @@ import shutil
 import subprocess
 import tempfile
 
-from . import apply, log
+from . import apply, log, master
 from .cluster import bindir
 from .db import ReplicaError, close_quietly, connect, fetch_one
 from .filters import Pipeline
-from .batch import Event
+from .sides import SLAVE_IDENTITY
 
-EXPORT_SNAPSHOT = "SELECT pg_export_snapshot(), pg_current_snapshot()::text"
-REGISTER_AT = "SELECT public.replica_register_slave(%s, %s::pg_snapshot)"
-REPLICATED_TABLES = """
-SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
- WHERE c.oid IN (SELECT tgrelid FROM pg_trigger WHERE tgfoid = 'public.py_log_replica()'::regprocedure)
- ORDER BY 1, 2
-"""
-TABLE_EXISTS = "SELECT to_regclass(format('%%I.%%I', %s::text, %s::text)) IS NOT NULL"
+EXPORT_SNAPSHOT = "SELECT pg_catalog.pg_export_snapshot(), pg_catalog.pg_current_snapshot()::text"
+TABLE_EXISTS = "SELECT pg_catalog.to_regclass(pg_catalog.format('%%I.%%I', %s::text, %s::text)) IS NOT NULL"
 POSITION = """
 INSERT INTO pyreplica.position (slave, snapshot, batch_id) VALUES ({slave}, {snapshot}::pg_snapshot, 0)
 ON CONFLICT (slave) DO UPDATE SET snapshot = EXCLUDED.snapshot, batch_id = 0, applied = 0, updated_at = now();
 """
 
-# Objects of master-install.sql, named in pg_restore's table of contents: not for the slave.
-OWN_NAMES = {"replica_log", "replica_log_id_seq", "replica_log_txid_idx", "replica_log_pkey", "replica_slaves",
-             "replica_slaves_pkey", "replica_register_slave", "replica_confirm", "replica_prune",
-             "replica_drop_slave", "plpython3u"}
+# master-install.sql's objects outside schema pyreplica (which pg_dump leaves out, -N), named in
+# pg_restore's table of contents: the public entry points (py_log_*), the view, PL/Python.
+OWN_NAMES = {"replica_log", "plpython3u"}
 OWN_TRIGGER = re.compile(r"_replica_tg(_[udt])?$")
 
 
@@ -58,27 +53,33 @@ def tool(name):
 
 def clone(config, name):
     logger = log.get()
-    master = connect(config.DSN0, "master")
+    conn = connect(config.DSN0, "master", settings={"search_path": master.SEARCH_PATH})
     registered = False
     try:
-        tables = replicated_tables(master, Pipeline(config.TABLES))
-        check_slave_empty(config.DSN1, tables)
-        master.set_session(isolation_level="REPEATABLE READ")
-        with master.cursor() as cur:
+        conn.autocommit = True
+        master.require_installed(conn)
+        tables = replicated_tables(conn, Pipeline(config.TABLES))
+        identity = check_slave_empty(config.DSN1, tables)
+        master.register(conn, name, None, identity)
+        registered = True
+        conn.autocommit = False
+        conn.set_session(isolation_level="REPEATABLE READ")
+        with conn.cursor() as cur:
             cur.execute(EXPORT_SNAPSHOT)
             exported, snapshot = cur.fetchone()
-        register(config.DSN0, name, snapshot)
-        registered = True
         logger.info("Cloning %s table(s) from the master at snapshot %s", len(tables), snapshot)
         with tempfile.TemporaryDirectory(prefix="pyreplica-clone-") as tmp:
             dump = os.path.join(tmp, "master.dump")
             run_tool([tool("pg_dump"), "-Fc", "--no-owner", "--no-privileges", f"--snapshot={exported}",
-                      "-f", dump, "-d", config.DSN0], "pg_dump of the master")
-            master.rollback()       # pg_dump has imported the snapshot: the export can end
+                      "--exclude-schema=pyreplica", "-f", dump, "-d", config.DSN0], "pg_dump of the master")
+            conn.rollback()       # pg_dump has imported the snapshot: the export can end
             listing = os.path.join(tmp, "restore.list")
             write_restore_list(dump, listing, tables)
             logger.info("Restoring into the slave (one transaction)")
             restore(dump, listing, config.DSN1, name, snapshot)
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            master.confirm(cur, name, snapshot, 0, 0)
         logger.info("Clone done: slave %s registered at snapshot %s; start `pyreplica run` for it", name, snapshot)
         return 0
     except BaseException:
@@ -86,41 +87,37 @@ def clone(config, name):
             unregister(config.DSN0, name)
         raise
     finally:
-        close_quietly(master)
+        close_quietly(conn)
 
 
-def replicated_tables(master, pipeline):
-    with master.cursor() as cur:
-        cur.execute(REPLICATED_TABLES)
-        tables = [(schema, table) for schema, table in cur.fetchall()
-                  if pipeline.wants(Event(0, None, f"{schema}.{table}", "I", "", ""))]
-    master.rollback()
+def replicated_tables(conn, pipeline):
+    """(schema, table) of every captured table this slave takes, partitions included (their data)."""
+    tables = [(t.schema, t.name) for t in master.captured_tables(conn) if pipeline.wants_table(t.qualified)]
     if not tables:
         raise ReplicaError("the master replicates no table: run py_log_create_tg on the tables first", "master")
     return tables
 
 
 def check_slave_empty(slave_dsn, tables):
-    with contextlib.closing(connect(slave_dsn, "slave")) as slave:
+    """Refuse a slave that has any of the tables already; returns the slave's identity."""
+    with contextlib.closing(connect(slave_dsn, "slave", settings={"search_path": master.SEARCH_PATH})) as slave:
         slave.autocommit = True
         present = [f"{s}.{t}" for s, t in tables if fetch_one(slave, TABLE_EXISTS, (s, t))]
-        if fetch_one(slave, "SELECT to_regclass('pyreplica.position') IS NOT NULL"):
+        if fetch_one(slave, "SELECT pg_catalog.to_regclass('pyreplica.position') IS NOT NULL"):
             present.append("pyreplica.position")
+        with slave.cursor() as cur:
+            cur.execute(SLAVE_IDENTITY)
+            identity = cur.fetchone()
     if present:
         raise ReplicaError(f"the slave is not empty: it already has {', '.join(present[:5])}; clone needs a "
                            f"new database (createdb) or these dropped", "slave")
-
-
-def register(master_dsn, name, snapshot):
-    with contextlib.closing(connect(master_dsn, "master")) as conn:
-        conn.autocommit = True
-        fetch_one(conn, REGISTER_AT, (name, snapshot))
+    return identity
 
 
 def unregister(master_dsn, name):
     with contextlib.suppress(Exception), contextlib.closing(connect(master_dsn, "master")) as conn:
         conn.autocommit = True
-        fetch_one(conn, "SELECT public.replica_drop_slave(%s)", (name,))
+        master.drop_slave(conn, name)
 
 
 def run_tool(cmd, what):

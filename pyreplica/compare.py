@@ -23,8 +23,7 @@ import time
 import psycopg2
 from psycopg2 import sql
 
-from . import progress
-from .batch import Event
+from . import master, progress
 from .db import ReplicaError, close_quietly, connect, first_line
 from .filters import Pipeline
 
@@ -37,36 +36,12 @@ SET extra_float_digits = 1;
 SET bytea_output = 'hex';
 """
 
-# Replicated tables: those carrying the capture trigger. A partition is compared as part of its
-# partitioned table (which has the trigger too).
-REPLICATED_TABLES = """
-SELECT n.nspname, c.relname,
-       (SELECT array_agg(a.attname::text ORDER BY a.attnum) FROM pg_attribute a
-         WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped),
-       (SELECT array_agg(a.attname::text ORDER BY k.ord)
-          FROM pg_index i
-         CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
-          JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-         WHERE i.indrelid = c.oid AND i.indisprimary)
-  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
- WHERE c.oid IN (SELECT tgrelid FROM pg_trigger WHERE tgfoid = 'public.py_log_replica()'::regprocedure)
-   AND NOT c.relispartition
- ORDER BY 1, 2
-"""
 SLAVE_COLUMNS = """
 SELECT array_agg(a.attname::text) FROM pg_attribute a
  WHERE a.attrelid = to_regclass(format('%%I.%%I', %s::text, %s::text)) AND a.attnum > 0 AND NOT a.attisdropped
 """
 POSITION = "SELECT snapshot::text, batch_id FROM pyreplica.position WHERE slave = %s"
-HAS_POSITION_TABLE = "SELECT to_regclass('pyreplica.position') IS NOT NULL"
-# First statement of the master's transaction: it fixes the snapshot the rest reads with.
-MASTER_SNAPSHOT = "SELECT pg_current_snapshot()::text"
-# Log events our master snapshot sees that the slave's position does not cover.
-PENDING = """
-SELECT count(*) FROM public.replica_log
- WHERE txid >= pg_snapshot_xmin(%(slave)s::pg_snapshot)
-   AND NOT pg_visible_in_snapshot(txid, %(slave)s::pg_snapshot)
-"""
+HAS_POSITION_TABLE = "SELECT pg_catalog.to_regclass('pyreplica.position') IS NOT NULL"
 RETRY_EVERY = 0.2
 SHOW_DIFFERENCES = 5        # differing rows named per table
 PROGRESS_EVERY = 5.0        # seconds between progress lines for a long table
@@ -100,12 +75,11 @@ class Table:
             key=key, row=self.row_text(self.columns), table=self.ident)
 
 
-def replicated_tables(master, patterns):
+def replicated_tables(conn, patterns):
+    """The captured tables this slave takes; a partition is compared as part of its partitioned table."""
     pipeline = Pipeline(patterns)
-    with master.cursor() as cur:
-        cur.execute(REPLICATED_TABLES)
-        tables = [Table(*row) for row in cur.fetchall()]
-    tables = [t for t in tables if pipeline.wants(Event(0, None, t.qualified, "I", "", ""))]
+    tables = [Table(t.schema, t.name, t.columns, t.pk) for t in master.captured_tables(conn)
+              if not t.is_partition and pipeline.wants_table(t.qualified)]
     if not tables:
         raise ReplicaError("the master replicates no table" + (f" matching TABLES {', '.join(patterns)}"
                                                                if patterns else ""), "master")
@@ -113,7 +87,7 @@ def replicated_tables(master, patterns):
 
 
 def open_session(dsn, side):
-    conn = connect(dsn, side, "pyreplica compare")
+    conn = connect(dsn, side, "pyreplica compare", settings={"search_path": master.SEARCH_PATH})
     conn.autocommit = True
     with conn.cursor() as cur:
         cur.execute(SESSION)
@@ -133,19 +107,18 @@ def slave_position(slave, name):
                        f"(wrong --name? start `pyreplica run` first)", "slave")
 
 
-def one_point(master, slave, name, wait):
+def one_point(master_conn, slave, name, wait):
     """Open both transactions at one point; returns (master snapshot, slave snapshot, slave batch)."""
     deadline = time.monotonic() + wait
     while True:
         snapshot, batch_id = slave_position(slave, name)
-        with master.cursor() as cur:
-            cur.execute(MASTER_SNAPSHOT)
-            master_snapshot = cur.fetchone()[0]
-            cur.execute(PENDING, {"slave": snapshot})
+        with master_conn.cursor() as cur:
+            master_snapshot = master.current_snapshot(cur)   # fixes the snapshot the rest reads with
+            cur.execute(master.BEHIND, {"since": snapshot})
             pending = cur.fetchone()[0]
         if pending == 0:
             return master_snapshot, snapshot, batch_id
-        master.rollback()
+        master_conn.rollback()
         slave.rollback()
         if time.monotonic() >= deadline:
             raise ReplicaError(f"slave {name} is behind by {pending} events, cannot compare at one point "
@@ -230,22 +203,23 @@ def compare_table(master, slave, table, pool, position):
 
 
 def collect(config, name, wait):
-    master = slave = None
+    master_conn = slave = None
     try:
-        master = open_session(config.DSN0, "master")
+        master_conn = open_session(config.DSN0, "master")
+        master.require_installed(master_conn)
         slave = open_session(config.DSN1, "slave")
-        tables = replicated_tables(master, config.TABLES)
-        master.rollback()
-        master_snapshot, slave_snapshot, batch_id = one_point(master, slave, name, wait)
+        tables = replicated_tables(master_conn, config.TABLES)
+        master_conn.rollback()
+        master_snapshot, slave_snapshot, batch_id = one_point(master_conn, slave, name, wait)
         report = {"slave": name, "batch_id": batch_id, "master_snapshot": master_snapshot,
                   "slave_snapshot": slave_snapshot, "tables": []}
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             for i, table in enumerate(tables, 1):
-                report["tables"].append(compare_table(master, slave, table, pool, f"{i} of {len(tables)}"))
+                report["tables"].append(compare_table(master_conn, slave, table, pool, f"{i} of {len(tables)}"))
         report["identical"] = all(t["identical"] for t in report["tables"])
         return report
     finally:
-        for conn in (master, slave):
+        for conn in (master_conn, slave):
             with contextlib.suppress(Exception):
                 conn.rollback()
             close_quietly(conn)

@@ -4,9 +4,6 @@ import re
 import psycopg2
 import psycopg2.extensions
 
-SIDES = {"master": "origin (master)", "slave": "replica (slave)"}
-
-
 class ReplicaError(Exception):
     """An error to show as one line (exit code 1); `side` says which server it concerns."""
 
@@ -29,10 +26,30 @@ def first_line(error):
     return text.splitlines()[0] if text else repr(error)
 
 
-def connect(dsn, side, application_name="pyreplica"):
-    """Connect, or raise ConnectionLost with one line naming the side and what went wrong."""
+# Pinned on every connection as it opens (libpq options, not a later SET): psycopg2 chooses its
+# quoting from standard_conforming_strings when it connects, and a database default of LATIN1 or
+# standard_conforming_strings = off must not change what a replayed literal means.
+PINNED = {"client_encoding": "UTF8", "standard_conforming_strings": "on"}
+
+
+def _options(dsn, settings):
+    """The DSN's own `options` followed by ours, as one libpq options string."""
     try:
-        conn = psycopg2.connect(dsn, application_name=application_name, connect_timeout=10)
+        own = psycopg2.extensions.parse_dsn(dsn).get("options", "")
+    except psycopg2.ProgrammingError:
+        own = ""
+    ours = " ".join(f"-c {name}={str(value).replace(' ', chr(92) + ' ')}" for name, value in settings.items())
+    return f"{own} {ours}".strip()
+
+
+def connect(dsn, side, application_name="pyreplica", settings=None, **params):
+    """Connect, or raise ConnectionLost with one line naming the side and what went wrong.
+
+    settings: server parameters set for the session as it opens; params: libpq parameters."""
+    options = _options(dsn, dict(PINNED, **(settings or {})))
+    try:
+        conn = psycopg2.connect(dsn, application_name=application_name, connect_timeout=10,
+                                options=options, **params)
     except psycopg2.OperationalError as e:
         raise ConnectionLost(f"cannot connect to the {side} ({safe_dsn(dsn)}): {first_line(e)}", side) from e
     except psycopg2.ProgrammingError as e:  # malformed DSN

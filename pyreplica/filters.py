@@ -37,12 +37,16 @@ class Pipeline:
         self.tables = list(tables)
         self.filters = [(spec, load_callable(spec)) for spec in filters]
 
-    def wants(self, event):
-        if not self.tables or event.relname is None:
+    def wants_table(self, qualified):
+        """Does this slave take the table (TABLES patterns on schema.table or the bare name)?"""
+        if not self.tables:
             return True
-        return any(fnmatch.fnmatchcase(event.relname, pattern) or
-                   fnmatch.fnmatchcase(event.relname.split(".", 1)[-1], pattern)
+        return any(fnmatch.fnmatchcase(qualified, pattern) or
+                   fnmatch.fnmatchcase(qualified.split(".", 1)[-1], pattern)
                    for pattern in self.tables)
+
+    def wants(self, event):
+        return event.relname is None or self.wants_table(event.relname)
 
     def __call__(self, events):
         if not self.tables and not self.filters:

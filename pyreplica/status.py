@@ -1,38 +1,24 @@
 """`pyreplica status` (DESIGN §8): per slave registered on the master, how far it has got.
 
-Everything is read from the master's registry (replica_slaves) and log: a slave is behind by the
-log rows whose transaction is not visible in the snapshot it confirmed (DESIGN §4). In-doubt
-prepared transactions are pyreplica's own (gid `pyreplica:<slave>:<batch>:<side>`), looked for on
-the master and, when its DSN is given, on the slave.
+Everything is read from the master's registry (pyreplica.replica_slaves) and log: a slave is behind
+by the events pyreplica.unapplied() finds for the snapshot it confirmed (docs/design.md §4).
+In-doubt prepared transactions are pyreplica's own (twophase's gids), looked for on the master and,
+when its DSN is given, on the slave; one older than a minute is an alert (exit code 3).
 """
 import contextlib
 import json
 
-from .batch import parse_gid
+from . import master
 from .db import ReplicaError, connect
+from .twophase import parse_gid
 
-MASTER_INSTALLED = "SELECT to_regclass('public.replica_slaves') IS NOT NULL"
-
-# The txid range lets the log's txid index do the work: a transaction below the snapshot's xmin is
-# visible in it (committed) or never logged anything (rolled back).
-SLAVES = """
-SELECT s.name, s.batch_id, s.applied, s.confirmed::text, s.confirmed_at, s.last_contact,
-       behind.events,
-       coalesce(extract(epoch FROM now() - behind.oldest), 0)::float8,
-       extract(epoch FROM now() - s.last_contact)::float8
-  FROM public.replica_slaves s
- CROSS JOIN LATERAL (
-       SELECT count(*) AS events, min(l.ts) AS oldest
-         FROM public.replica_log l
-        WHERE l.txid >= pg_snapshot_xmin(s.confirmed)
-          AND NOT pg_visible_in_snapshot(l.txid, s.confirmed)) behind
- ORDER BY s.name
-"""
+EXIT_ALERT = 3              # monitoring: a prepared transaction has been in doubt too long
+IN_DOUBT_ALERT = 60.0       # seconds
 
 IN_DOUBT = """
 SELECT gid, prepared, extract(epoch FROM now() - prepared)::float8
-  FROM pg_prepared_xacts
- WHERE database = current_database() AND gid LIKE 'pyreplica:%'
+  FROM pg_catalog.pg_prepared_xacts
+ WHERE database = pg_catalog.current_database() AND gid LIKE 'pyreplica:%'
  ORDER BY prepared
 """
 
@@ -40,13 +26,14 @@ SELECT gid, prepared, extract(epoch FROM now() - prepared)::float8
 def slaves(master_conn):
     """One dict per registered slave, with its lag."""
     with master_conn.cursor() as cur:
-        cur.execute(SLAVES)
+        cur.execute(master.SLAVES)
         return [{"name": name, "batch_id": batch_id, "applied": applied, "confirmed": confirmed,
                  "confirmed_at": confirmed_at.isoformat(), "last_contact": last_contact.isoformat(),
                  "last_contact_seconds": round(contact_age, 1),
-                 "events_behind": events, "seconds_behind": round(seconds, 1)}
-                for name, batch_id, applied, confirmed, confirmed_at, last_contact, events, seconds, contact_age
-                in cur.fetchall()]
+                 "events_behind": events, "seconds_behind": round(seconds, 1),
+                 "system_identifier": system_id, "database": database}
+                for name, batch_id, applied, confirmed, confirmed_at, last_contact, events, seconds, contact_age,
+                system_id, database in cur.fetchall()]
 
 
 def in_doubt(conn, side):
@@ -55,7 +42,8 @@ def in_doubt(conn, side):
         cur.execute(IN_DOUBT)
         found = []
         for gid, prepared, age in cur.fetchall():
-            slave, batch_id, _ = parse_gid(gid) or (None, None, None)
+            parsed = parse_gid(gid)
+            slave, batch_id = (parsed.slave, parsed.batch_id) if parsed else (None, None)
             found.append({"side": side, "gid": gid, "slave": slave, "batch_id": batch_id,
                           "prepared": prepared.isoformat(), "age_seconds": round(age, 1)})
         return found
@@ -63,21 +51,19 @@ def in_doubt(conn, side):
 
 def collect(config, only=None):
     """The status report as a dict (what --json prints); `only` narrows it to one slave."""
-    with contextlib.closing(connect(config.DSN0, "master", "pyreplica status")) as master:
-        master.autocommit = True
-        with master.cursor() as cur:
-            cur.execute(MASTER_INSTALLED)
-            if not cur.fetchone()[0]:
-                raise ReplicaError(f"the master database {master.info.dbname} has no pyreplica installed "
-                                   f"(run master-install.sql on it)", "master")
-        report = {"master": master.info.dbname, "slaves": slaves(master), "in_doubt": in_doubt(master, "master")}
+    with contextlib.closing(connect(config.DSN0, "master", "pyreplica status",
+                                    settings={"search_path": master.SEARCH_PATH})) as conn:
+        conn.autocommit = True
+        master.require_installed(conn)
+        report = {"master": conn.info.dbname, "slaves": slaves(conn), "in_doubt": in_doubt(conn, "master")}
     if only:
         report["slaves"] = [s for s in report["slaves"] if s["name"] == only]
         report["in_doubt"] = [x for x in report["in_doubt"] if x["slave"] == only]
         if not report["slaves"]:
             raise ReplicaError(f"no slave named {only} is registered on the master", "master")
     if config.DSN1:
-        with contextlib.closing(connect(config.DSN1, "slave", "pyreplica status")) as slave:
+        with contextlib.closing(connect(config.DSN1, "slave", "pyreplica status",
+                                        settings={"search_path": master.SEARCH_PATH})) as slave:
             slave.autocommit = True
             report["in_doubt"] += in_doubt(slave, "slave")
     return report
@@ -101,15 +87,30 @@ def format_table(report):
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
     if report["in_doubt"]:
-        lines.append("In-doubt prepared transactions (settled by the daemon at its next start):")
+        lines.append("In-doubt prepared transactions (settled by the daemon at its next start, or by "
+                     "`pyreplica recover MASTER SLAVE`):")
         lines += [f"  {x['side']}: {x['gid']} prepared {x['prepared'][:19]} ({_ago(x['age_seconds'])})"
                   for x in report["in_doubt"]]
     else:
         lines.append("In-doubt prepared transactions: none")
+    for alert in report["alerts"]:
+        lines.append(f"ALERT: {alert}")
     return "\n".join(lines)
 
 
+def alerts(report):
+    """What a monitoring check must hear about: a prepared transaction older than IN_DOUBT_ALERT.
+    It holds back VACUUM of the whole cluster, keeps its locks (a re-install, drop-slave, DDL
+    would wait) and the batch it belongs to is not committed."""
+    return [f"{x['side']}: {x['gid']} has been prepared for {_ago(x['age_seconds'])[:-4]}: it holds back "
+            f"VACUUM of the whole {x['side']} cluster and keeps its locks; start the daemon for slave "
+            f"{x['slave']} or run `pyreplica recover MASTER SLAVE`"
+            for x in report["in_doubt"] if x["age_seconds"] > IN_DOUBT_ALERT]
+
+
 def status(config, as_json=False, only=None):
+    """Print the report; exit code 0, or EXIT_ALERT when something needs a person."""
     report = collect(config, only)
+    report["alerts"] = alerts(report)
     print(json.dumps(report, indent=2) if as_json else format_table(report))
-    return 0
+    return EXIT_ALERT if report["alerts"] else 0

@@ -86,4 +86,4 @@ def test_dsns_from_the_environment(master, slave, tmp_path):
         wait_identical(master, slave, ["t"])
         assert daemon.stop() == 0
     assert "envset " in daemon.output
-    assert master.scalar("SELECT count(*) FROM replica_slaves WHERE name = 'envslave'") == 1
+    assert master.scalar("SELECT count(*) FROM pyreplica.replica_slaves WHERE name = 'envslave'") == 1

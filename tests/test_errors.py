@@ -118,7 +118,7 @@ def test_slave_dropped_on_the_master_while_running_stops_without_leaving_a_prepa
     with Daemon(master, slave, name="e1") as daemon:
         master.execute("INSERT INTO t VALUES (1)")
         wait_identical(master, slave, ["t"])
-        master.execute("SELECT replica_drop_slave('e1')")
+        master.execute("SELECT pyreplica.drop_slave('e1')")
         master.execute("INSERT INTO t VALUES (2)")
         assert daemon.proc.wait(30) == 1
         assert 'slave "e1" is not registered on this master (dropped with drop-slave?)' in daemon.output

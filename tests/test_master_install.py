@@ -87,7 +87,7 @@ def test_guide_query_verbatim_gives_the_guide_lines(master):
     assert triggers_on(master, "tt") == [("tt_replica_tg",), ("tt_replica_tg_d",), ("tt_replica_tg_t",),
                                           ("tt_replica_tg_u",)]
     assert len(triggers_on(master, "student")) == 4
-    assert triggers_on(master, "replica_log") == [] and triggers_on(master, "replica_slaves") == []
+    assert triggers_on(master, "pyreplica.replica_log") == [] and triggers_on(master, "pyreplica.replica_slaves") == []
 
 
 def test_guide_query_in_psql_prints_the_guide_lines(master):
@@ -110,7 +110,8 @@ def test_guide_query_covers_every_schema_and_odd_names(master):
         CREATE TABLE public."UPPER" (k uuid PRIMARY KEY);
     """)
     assert sorted(r[0] for r in master.execute(GUIDE_QUERY)) == [
-        "created trigger on Mixed Case (id)", "created trigger on UPPER (k)", "created trigger on a.b (id)"]
+        'created trigger on "Other Schema"."Mixed Case" (id)', 'created trigger on "UPPER" (k)',
+        'created trigger on "a.b" (id)']
     for table in ('"Other Schema"."Mixed Case"', 'public."a.b"', 'public."UPPER"'):
         assert len(triggers_on(master, table)) == 4
 
@@ -282,7 +283,8 @@ def drop_tg(db, name):
 
 
 def test_create_tg_schema_qualified(schemas):
-    assert create_tg(schemas, "public.student") == ["created trigger on public.student (id)"]
+    # the answer names the table as the install guide does: bare in schema public, qualified elsewhere
+    assert create_tg(schemas, "public.student") == ["created trigger on student (id)"]
     assert len(triggers_on(schemas, "public.student")) == 4
 
 
@@ -299,13 +301,13 @@ def test_create_tg_problems_are_lines_not_errors(schemas):
     assert create_tg(schemas, "a_view") == ["table a_view does not exist (couldn't be replicated)!"]
     assert create_tg(schemas, "a.b.c") == ["table a.b.c: expected name or schema.name (couldn't be replicated)!"]
     assert create_tg(schemas, "dup") == [
-        "table dup exists in several schemas (s1, s2): give it as schema.name, e.g. s1.dup"]
+        "table dup is ambiguous: it could be s1.dup or s2.dup; give it as schema.name with quotes, e.g. s1.dup"]
     assert triggers_on(schemas, "s1.dup") == [] and triggers_on(schemas, "s2.dup") == []
     assert create_tg(schemas, "s2.dup") == ["created trigger on s2.dup (id)"]
 
 
 def test_create_tg_bare_name_off_the_search_path(schemas):
-    assert create_tg(schemas, "only_here") == ["created trigger on only_here (k)"]
+    assert create_tg(schemas, "only_here") == ["created trigger on offpath.only_here (k)"]
     assert len(triggers_on(schemas, "offpath.only_here")) == 4
 
 
@@ -319,9 +321,10 @@ def test_create_tg_twice_is_harmless(schemas):
 
 
 def test_create_tg_never_on_pyreplicas_own_tables(schemas):
-    for name in ("replica_log", "replica_slaves", "public.replica_log", "public.replica_slaves"):
+    for name in ("replica_log", "replica_slaves", "pyreplica.replica_log", "pyreplica.replica_slaves",
+                 "pyreplica.log_pruned"):
         assert create_tg(schemas, name) == []
-    assert triggers_on(schemas, "replica_log") == [] and triggers_on(schemas, "replica_slaves") == []
+    assert triggers_on(schemas, "pyreplica.replica_log") == [] and triggers_on(schemas, "pyreplica.replica_slaves") == []
 
 
 def test_drop_tg(schemas):
@@ -339,7 +342,7 @@ def test_drop_tg(schemas):
 def test_long_table_names_get_four_distinct_triggers(master):
     name = "a_table_name_that_is_rather_long_" + "é" * 15   # 63 bytes
     master.execute(sql.SQL("CREATE TABLE {} (id int PRIMARY KEY)").format(sql.Identifier(name)))
-    assert create_tg(master, name) == [f"created trigger on {name} (id)"]
+    assert create_tg(master, name) == [f'created trigger on "{name}" (id)']
     names = [r[0] for r in triggers_on(master, sql.Identifier(name).as_string(master.connect()))]
     assert len(set(names)) == 4
     assert all(n.endswith(("_replica_tg", "_replica_tg_u", "_replica_tg_d", "_replica_tg_t")) for n in names)
@@ -357,30 +360,33 @@ def test_application_role_writes_replicated_table_but_cannot_touch_pyreplica(mas
             cur.execute("TRUNCATE student")
 
             denied = {
-                "SELECT * FROM replica_log": "permission denied for table replica_log",
-                "INSERT INTO replica_log (sql) VALUES ('DROP TABLE student')": "permission denied for table replica_log",
-                "UPDATE replica_log SET sql = ''": "permission denied for table replica_log",
-                "DELETE FROM replica_log": "permission denied for table replica_log",
-                "TRUNCATE replica_log": "permission denied for table replica_log",
-                "SELECT * FROM replica_slaves": "permission denied for table replica_slaves",
-                "SELECT nextval('replica_log_id_seq')": "permission denied for sequence replica_log_id_seq",
+                "SELECT * FROM replica_log": "permission denied for view replica_log",
+                "INSERT INTO replica_log (sql) VALUES ('DROP TABLE student')": "permission denied for view replica_log",
+                "SELECT * FROM pyreplica.replica_log": "permission denied for schema pyreplica",
+                "DELETE FROM pyreplica.replica_log": "permission denied for schema pyreplica",
+                "SELECT * FROM pyreplica.replica_slaves": "permission denied for schema pyreplica",
+                "SELECT nextval('pyreplica.replica_log_id_seq')": "permission denied for schema pyreplica",
                 "SELECT py_log_create_tg('student')": "permission denied for function py_log_create_tg",
                 "SELECT py_log_drop_tg('student')": "permission denied for function py_log_drop_tg",
                 "SELECT py_log_sql('DROP TABLE student')": "permission denied for function py_log_sql",
-                "SELECT replica_register_slave('x')": "permission denied for function replica_register_slave",
-                "SELECT replica_confirm('x', pg_current_snapshot(), 1, 1)":
-                    "permission denied for function replica_confirm",
-                "SELECT replica_prune()": "permission denied for function replica_prune",
-                "SELECT replica_drop_slave('x')": "permission denied for function replica_drop_slave",
+                "SELECT pyreplica.register_slave('x')": "permission denied for schema pyreplica",
+                "SELECT pyreplica.prune()": "permission denied for schema pyreplica",
             }
             for statement, message in denied.items():
                 with pytest.raises(psycopg2.errors.InsufficientPrivilege) as err:
                     cur.execute(statement)
                 assert str(err.value).startswith(message), statement
+        # whatever pyreplica adds later: none of its functions is executable by PUBLIC
+        assert master.execute("""
+            SELECT p.oid::regprocedure::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+             WHERE n.nspname IN ('pyreplica', 'public')
+               AND obj_description(p.oid, 'pg_proc') LIKE 'pyreplica:%%'
+               AND has_function_privilege('public', p.oid, 'EXECUTE')""") == []
+        assert master.scalar("SELECT count(*) FROM pg_proc WHERE pronamespace = 'pyreplica'::regnamespace") >= 20
         assert master.execute("SELECT username, op, sql FROM replica_log ORDER BY id") == [
             (app, "I", "INSERT INTO public.student (id, name) VALUES ('1', 'ann')"),
             (app, "I", "INSERT INTO public.student (id, name) VALUES ('2', 'bob')"),
             (app, "U", "UPDATE public.student SET name = 'ANN' WHERE id = '1'"),
             (app, "D", "DELETE FROM public.student WHERE id = '2'"),
-            (app, "T", "TRUNCATE public.student CASCADE"),
+            (app, "T", "TRUNCATE public.student"),
         ]

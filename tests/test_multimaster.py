@@ -47,7 +47,7 @@ def daemons(a, b, skip_user="repl"):
 
 def logged_ever(db):
     """Events ever logged here (the sequence is not reset by pruning of the log)."""
-    return db.scalar("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM replica_log_id_seq")
+    return db.scalar("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM pyreplica.replica_log_id_seq")
 
 
 def write_both_sides(a, b, timeout=60):
@@ -71,8 +71,8 @@ def assert_exactly_once(a, b, a_to_b, b_to_a):
     wait_identical(a, b, ["t"], timeout=1)
     assert applied_on_slave(b, "b") == 22, a_to_b.output       # A's 22 changes, applied on B once
     assert applied_on_slave(a, "a") == 22, b_to_a.output
-    assert a.scalar("SELECT applied FROM replica_slaves WHERE name = 'b'") == 22
-    assert b.scalar("SELECT applied FROM replica_slaves WHERE name = 'a'") == 22
+    assert a.scalar("SELECT applied FROM pyreplica.replica_slaves WHERE name = 'b'") == 22
+    assert b.scalar("SELECT applied FROM pyreplica.replica_slaves WHERE name = 'a'") == 22
     for daemon in (a_to_b, b_to_a):
         assert daemon.stop() == 0
         assert "conflict" not in daemon.output and "error" not in daemon.output.lower(), daemon.output
@@ -94,7 +94,7 @@ def test_changes_on_either_side_reach_the_other_exactly_once(pair):
 def always_capture(db):
     """Capture replayed rows too, as a cascading setup does (DESIGN §6): only SKIP_USER prevents loops."""
     for (name,) in db.execute("SELECT tgname FROM pg_trigger WHERE tgrelid = 't'::regclass "
-                              "AND tgfoid = 'public.py_log_replica()'::regprocedure"):
+                              "AND tgfoid = 'pyreplica.py_log_replica()'::regprocedure"):
         db.execute(f'ALTER TABLE t ENABLE ALWAYS TRIGGER "{name}"')
 
 

@@ -67,7 +67,7 @@ def test_crash_at_each_step_then_restart(master, slave, point):
         wait_until(lambda: applied_on_slave(slave, "s1") == 60, message="60 events applied exactly once")
         assert daemon.stop() == 0
     assert prepared_count(master) == prepared_count(slave) == 0
-    assert master.scalar("SELECT applied FROM replica_slaves WHERE name = 's1'") == 60
+    assert master.scalar("SELECT applied FROM pyreplica.replica_slaves WHERE name = 's1'") == 60
 
 
 def test_conflict_stops_replay_names_event_and_resumes(master, slave):
@@ -151,10 +151,9 @@ def test_two_slaves_pruning_keeps_what_the_slower_needs(master, slave, slave2):
     ddl = "CREATE TABLE t (id int PRIMARY KEY, v text)"
     create_on_both(master, slave, ddl, ["t"])
     slave2.execute(ddl)
+    # both slaves registered before either prunes; both replicate the inserts; then the slow one stays away
+    master.execute("SELECT pyreplica.register_slave('slow'), pyreplica.register_slave('fast')")
     master.execute("INSERT INTO t SELECT g, 'a' FROM generate_series(1, 100) g")
-    # both slaves registered before either prunes (a slave seen for the first time starts at the
-    # oldest event still in the log); both replicate the inserts; then the slow one stays away
-    master.execute("SELECT replica_register_slave('slow'), replica_register_slave('fast')")
     with Daemon(master, slave2, name="slow"), Daemon(master, slave, name="fast"):
         wait_identical(master, slave2, ["t"])
         wait_identical(master, slave, ["t"])
@@ -172,7 +171,7 @@ def test_two_slaves_pruning_keeps_what_the_slower_needs(master, slave, slave2):
         wait_identical(master, slave, ["t"])
         wait_until(lambda: master.scalar("SELECT count(*) FROM replica_log WHERE op = 'U'") == 0, timeout=20,
                    message="updates pruned once both slaves confirmed them")
-    assert master.execute("SELECT name FROM replica_slaves ORDER BY name") == [("fast",), ("slow",)]
+    assert master.execute("SELECT name FROM pyreplica.replica_slaves ORDER BY name") == [("fast",), ("slow",)]
 
 
 def test_drop_slave_lets_the_log_be_pruned(master, slave, slave2):
@@ -180,7 +179,7 @@ def test_drop_slave_lets_the_log_be_pruned(master, slave, slave2):
     create_on_both(master, slave, ddl, ["t"])
     slave2.execute(ddl)
     with Daemon(master, slave2, name="gone"):
-        wait_until(lambda: master.scalar("SELECT count(*) FROM replica_slaves") == 1, message="registration")
+        wait_until(lambda: master.scalar("SELECT count(*) FROM pyreplica.replica_slaves") == 1, message="registration")
     master.execute("INSERT INTO t SELECT generate_series(1, 10)")
     rc, out, err = run_cli("drop-slave", "gone", master.dsn)
     assert (rc, out.strip()) == (0, "slave gone dropped: the master's log no longer waits for it"), err
@@ -250,7 +249,7 @@ LOAD_DDL = "CREATE TABLE load (id bigint PRIMARY KEY, client int, payload text)"
 
 def logged_total(master):
     """Events ever logged (the sequence: the log itself is pruned). The load never rolls back."""
-    return master.scalar("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM replica_log_id_seq")
+    return master.scalar("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM pyreplica.replica_log_id_seq")
 
 
 def test_soak_kill_9_every_few_seconds(master, slave, soak_seconds):
@@ -289,7 +288,7 @@ def test_server_restarts_under_write_load(master, slave):
         wait_identical(master, slave, ["load"], timeout=120)
         # writers killed by the restart consumed log ids, so the sequence has gaps here: compare the
         # two sides' 2PC-kept counters instead
-        assert applied_on_slave(slave, "r1") == master.scalar("SELECT applied FROM replica_slaves")
+        assert applied_on_slave(slave, "r1") == master.scalar("SELECT applied FROM pyreplica.replica_slaves")
         out = daemon.output
         assert daemon.stop() == 0
     assert out.count("lost connection") <= 2 or "cannot connect" in out, out[-3000:]

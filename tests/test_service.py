@@ -39,7 +39,7 @@ def test_service_replicates_per_conf_reloads_restarts_and_stops_cleanly(service,
         assert owner_uid(pid) == service.user.pw_uid, "the service did not drop to the pyreplica user"
     # two new slaves of one master: write once both are registered (a slave seen for the first time
     # starts at the oldest event still in the log, and the first one's confirmations prune it)
-    wait_until(lambda: master.scalar("SELECT count(*) FROM replica_slaves") == 2, message="a and b registered")
+    wait_until(lambda: master.scalar("SELECT count(*) FROM pyreplica.replica_slaves") == 2, message="a and b registered")
     master.execute("INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 100) g")
     wait_identical(master, slave, ["t"])
     wait_identical(master, slave2, ["t"])

@@ -66,15 +66,16 @@ def test_status_lists_in_doubt_prepared_transactions_on_both_sides(master, slave
     for db, side in ((master, "master"), (slave, "slave")):
         # as a daemon killed between PREPARE and COMMIT PREPARED leaves them; plus somebody else's,
         # which is not pyreplica's business
-        for gid in (f"pyreplica:s1:99:{side}", "someone-else"):
+        for gid in (f"pyreplica:s1:99:{side}:0123456789ab:cafe0001", "someone-else"):
             db.execute("BEGIN; SELECT 1; PREPARE TRANSACTION %s", (gid,))
     report = status_json(master.dsn, slave.dsn)
     assert sorted((x["side"], x["gid"], x["slave"], x["batch_id"]) for x in report["in_doubt"]) == [
-        ("master", "pyreplica:s1:99:master", "s1", 99), ("slave", "pyreplica:s1:99:slave", "s1", 99)]
+        ("master", "pyreplica:s1:99:master:0123456789ab:cafe0001", "s1", 99),
+        ("slave", "pyreplica:s1:99:slave:0123456789ab:cafe0001", "s1", 99)]
     # without the slave's DSN, only the master's
     assert [x["side"] for x in status_json(master.dsn)["in_doubt"]] == ["master"]
     code, out, _ = run_cli("status", master.dsn, slave.dsn)
-    assert code == 0 and "slave: pyreplica:s1:99:slave" in out and "master: pyreplica:s1:99:master" in out
+    assert code == 0 and "slave: pyreplica:s1:99:slave:" in out and "master: pyreplica:s1:99:master:" in out
 
 
 def test_status_cannot_connect_is_one_line_exit_1():
@@ -197,7 +198,7 @@ def test_progress_lines_only_for_long_work():
 
 def test_status_name_narrows_to_one_slave(master, slave):
     replicated(master, slave, name="s1")
-    master.execute("SELECT replica_register_slave('other')")
+    master.execute("SELECT pyreplica.register_slave('other')")
     assert [s["name"] for s in status_json(master.dsn)["slaves"]] == ["other", "s1"]
     assert [s["name"] for s in status_json(master.dsn, "--name", "s1")["slaves"]] == ["s1"]
     code, out, err = run_cli("status", master.dsn, "--name", "nobody")

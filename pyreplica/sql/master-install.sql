@@ -778,6 +778,32 @@ END
 $fn$;
 COMMENT ON FUNCTION pyreplica.confirm(text, pg_snapshot, bigint, bigint) IS 'pyreplica: record a slave''s new position';
 
+-- Bring a slave's record back to the slave's own position when the record got ahead of it (an
+-- operator committed the master's side of an in-doubt batch and rolled back the slave's, or the
+-- slave was restored from an older backup). Possible only while every event the slave still
+-- needs is in the log; serialised with prune, which takes the same lock.
+CREATE OR REPLACE FUNCTION pyreplica.rewind_slave(slave text, snap pg_snapshot, batch bigint)
+RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    gone xid8;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtext('pyreplica prune'));
+    SELECT horizon INTO gone FROM pyreplica.log_pruned WHERE horizon > pg_snapshot_xmin(snap);
+    IF FOUND THEN
+        RAISE EXCEPTION 'pyreplica: slave "%" is at batch % but the master has pruned events it still needs (of transactions below %)', slave, batch, gone
+            USING HINT = 'Rebuild the slave with pyreplica clone (drop-slave first).', ERRCODE = 'PR003';
+    END IF;
+    UPDATE pyreplica.replica_slaves SET confirmed = snap, batch_id = batch, confirmed_at = now(), last_contact = now()
+     WHERE name = slave;
+END
+$fn$;
+COMMENT ON FUNCTION pyreplica.rewind_slave(text, pg_snapshot, bigint) IS
+    'pyreplica: move a slave''s record back to its own position while the events it needs remain';
+
 CREATE OR REPLACE FUNCTION pyreplica.touch(slave text)
 RETURNS void
 LANGUAGE sql
@@ -941,6 +967,7 @@ BEGIN
     GRANT EXECUTE ON FUNCTION pyreplica.captured_tables(), pyreplica.unapplied(pg_snapshot),
         pyreplica.register_slave(text, pg_snapshot, text, text), pyreplica.log_start(),
         pyreplica.claim_slave(text, text, text), pyreplica.confirm(text, pg_snapshot, bigint, bigint),
+        pyreplica.rewind_slave(text, pg_snapshot, bigint),
         pyreplica.touch(text), pyreplica.prune(int), pyreplica.drop_slave(text)
         TO pyreplica_daemon;
 END

@@ -1,0 +1,125 @@
+"""The master as pyreplica sees it: every question and state change is one function of
+master-install.sql (docs/design.md §3), called here by its schema-qualified name with typed
+arguments, so that no object planted in another schema can answer in its place.
+"""
+from dataclasses import dataclass
+
+from .db import ReplicaError, fetch_one
+
+CHANNEL = "replicas"                    # the capture trigger's NOTIFY channel
+SEARCH_PATH = "pg_catalog, pg_temp"     # pinned in every master session the daemon opens
+
+INSTALLED = "SELECT to_regprocedure('pyreplica.unapplied(pg_snapshot)') IS NOT NULL"
+OLD_INSTALL = "SELECT to_regprocedure('public.replica_confirm(text,pg_snapshot,bigint,bigint)') IS NOT NULL"
+CAPTURED_TABLES = """
+SELECT qualified, schema_name, table_name, columns, written_columns, pk, is_partition
+  FROM pyreplica.captured_tables()
+"""
+CURRENT_SNAPSHOT = "SELECT pg_catalog.pg_current_snapshot()::text"
+REGISTER = "SELECT pyreplica.register_slave(%s::text, %s::pg_snapshot, %s::text, %s::text)::text"
+CLAIM = "SELECT confirmed, batch_id FROM pyreplica.claim_slave(%s::text, %s::text, %s::text)"
+LOG_START = "SELECT pyreplica.log_start()::text"
+CONFIRM = "SELECT pyreplica.confirm(%s::text, %s::pg_snapshot, %s::bigint, %s::bigint)"
+REWIND = "SELECT pyreplica.rewind_slave(%s::text, %s::pg_snapshot, %s::bigint)"
+TOUCH = "SELECT pyreplica.touch(%s::text)"
+PRUNE = "SELECT pyreplica.prune(%s::int)"
+DROP_SLAVE = "SELECT pyreplica.drop_slave(%s::text)"
+
+# The events a batch replays (docs/design.md §4): not applied at the start snapshot, visible at the end.
+# The txid bound lets the log's txid index do the work.
+BATCH_EVENTS = """
+SELECT l.id, l.txid::text, l.relname, l.op::text, l.sql, l.username::text
+  FROM pyreplica.unapplied(%(start)s::pg_snapshot) l
+ WHERE l.txid < pg_catalog.pg_snapshot_xmax(%(end)s::pg_snapshot)
+   AND pg_catalog.pg_visible_in_snapshot(l.txid, %(end)s::pg_snapshot)
+   AND (%(skip_user)s::text IS NULL OR l.username::text <> %(skip_user)s::text)
+ ORDER BY l.id
+"""
+# How far behind a slave at snapshot %(since)s is: events and the age of the oldest.
+BEHIND = "SELECT count(*), min(ts) FROM pyreplica.unapplied(%(since)s::pg_snapshot)"
+
+SLAVES = """
+SELECT s.name, s.batch_id, s.applied, s.confirmed::text, s.confirmed_at, s.last_contact,
+       behind.events,
+       coalesce(extract(epoch FROM now() - behind.oldest), 0)::float8,
+       extract(epoch FROM now() - s.last_contact)::float8,
+       s.slave_system_id, s.slave_database
+  FROM pyreplica.replica_slaves s
+ CROSS JOIN LATERAL (SELECT count(*) AS events, min(l.ts) AS oldest
+                       FROM pyreplica.unapplied(s.confirmed) l) behind
+ ORDER BY s.name
+"""
+
+
+@dataclass(frozen=True)
+class Table:
+    """A captured table, as pyreplica.captured_tables() describes it."""
+    qualified: str              # "schema"."table", quoted as the log's relname
+    schema: str
+    name: str
+    columns: list               # every column (compare hashes them)
+    written_columns: list       # the columns a logged statement may name (no generated ones)
+    pk: list
+    is_partition: bool
+
+
+def require_installed(conn):
+    """Raise a ReplicaError saying what to run when pyreplica is not installed on this master."""
+    if fetch_one(conn, INSTALLED):
+        return
+    db = conn.info.dbname
+    if fetch_one(conn, OLD_INSTALL):
+        raise ReplicaError(f"the master database {db} has an older pyreplica install (in schema public): run "
+                           f"`psql {db} -f master-install.sql` on it as a superuser to upgrade it", "master")
+    raise ReplicaError(f"the master database {db} has no pyreplica log: run "
+                       f"`psql {db} -f master-install.sql` on it as a superuser", "master")
+
+
+def captured_tables(conn):
+    with conn.cursor() as cur:
+        cur.execute(CAPTURED_TABLES)
+        return [Table(*row) for row in cur.fetchall()]
+
+
+def current_snapshot(cur):
+    cur.execute(CURRENT_SNAPSHOT)
+    return cur.fetchone()[0]
+
+
+def register(conn, name, at=None, identity=(None, None)):
+    """Register a slave at snapshot `at` (default: now); returns its starting snapshot."""
+    return fetch_one(conn, REGISTER, (name, at, *identity))
+
+
+def claim(conn, name, identity):
+    """(snapshot, batch_id) the master has recorded for this slave, or None when unregistered.
+    Raises when the name belongs to another slave (identity = (system id, database))."""
+    with conn.cursor() as cur:
+        cur.execute(CLAIM, (name, *identity))
+        return cur.fetchone()
+
+
+def log_start(conn):
+    """Where an unregistered slave may start, or None once the log has been pruned."""
+    return fetch_one(conn, LOG_START)
+
+
+def confirm(cur, name, snapshot, batch_id, events):
+    cur.execute(CONFIRM, (name, snapshot, batch_id, events))
+
+
+def rewind(cur, name, snapshot, batch_id):
+    cur.execute(REWIND, (name, snapshot, batch_id))
+
+
+def touch(cur, name):
+    cur.execute(TOUCH, (name,))
+
+
+def prune(cur, rows):
+    cur.execute(PRUNE, (rows,))
+    return cur.fetchone()[0]
+
+
+def drop_slave(conn, name):
+    return fetch_one(conn, DROP_SLAVE, (name,))

@@ -1,0 +1,168 @@
+"""Start-up (docs/design.md §6): the daemon's three connections, the checks, recovery, the position.
+
+    listener  master, autocommit: LISTEN, registry calls, pruning
+    reader    master, REPEATABLE READ: one batch's snapshot and events, prepared with the batch
+    slave     slave: the replayed changes and the slave's position, prepared with the batch
+"""
+import psycopg2
+
+from . import apply, master, twophase
+from .db import ReplicaError, close_quietly, connect, fetch_one, first_line
+
+# One daemon per slave: a second one would apply the same batches again.
+SLAVE_LOCK = "SELECT pg_catalog.pg_try_advisory_lock(pg_catalog.hashtext('pyreplica slave ' || %s::text))"
+SLAVE_IDENTITY = ("SELECT system_identifier::text, pg_catalog.current_database()::text "
+                  "FROM pg_catalog.pg_control_system()")
+SLAVE_COLUMNS = """
+SELECT array_agg(a.attname::text) FROM pg_catalog.pg_attribute a
+ WHERE a.attrelid = pg_catalog.to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped
+"""
+# The slave runs the logged statements (schema-qualified) and administrators' SQL (names resolved
+# in public, as an unqualified name was on the master's default path); pg_catalog first, so no
+# object in public can stand in for a built-in one.
+SLAVE_SEARCH_PATH = "pg_catalog, public"
+
+
+def keepalive_settings(peer_timeout):
+    """libpq and server settings that notice a vanished peer within about peer_timeout seconds."""
+    idle = max(1, int(peer_timeout / 3))
+    interval = max(1, int(peer_timeout / 6))
+    client = {"keepalives": 1, "keepalives_idle": idle, "keepalives_interval": interval,
+              "keepalives_count": 3, "tcp_user_timeout": int(peer_timeout * 1000)}
+    # the daemon's own backends drop a half-open client quickly, releasing its locks
+    server = {"tcp_keepalives_idle": idle, "tcp_keepalives_interval": interval, "tcp_keepalives_count": 3,
+              "tcp_user_timeout": int(peer_timeout * 1000),
+              "client_connection_check_interval": int(peer_timeout * 1000 / 3)}
+    return client, server
+
+
+class Sides:
+    """The connections of one replication (master -> slave), opened and checked in order."""
+
+    def __init__(self, config, name, pipeline, log):
+        self.config, self.name, self.pipeline, self.log = config, name, pipeline, log
+        self.listener = self.reader = self.slave = None
+        self.token = None
+        self.position = None        # (snapshot, batch_id) committed on the slave
+        self.cascading = False      # the slave is itself a master: wake its own daemons after a batch
+
+    def _connect(self, dsn, side, search_path):
+        client, server = keepalive_settings(self.config.PEER_TIMEOUT)
+        return connect(dsn, side, settings=dict(server, search_path=search_path), **client)
+
+    def open(self):
+        """Connect, check, settle in-doubt batches, find the position. Raises ReplicaError."""
+        self.log.info("Opening origin (master) connection")
+        self.listener = self._connect(self.config.DSN0, "master", master.SEARCH_PATH)
+        self.listener.autocommit = True
+        master.require_installed(self.listener)
+        twophase.require_two_phase_commit(self.listener, "master")
+        self.reader = self._connect(self.config.DSN0, "master", master.SEARCH_PATH)
+        self.reader.set_session(isolation_level="REPEATABLE READ", autocommit=False)
+
+        self.log.info("Opening replica (slave) connection")
+        self.slave = self._connect(self.config.DSN1, "slave", SLAVE_SEARCH_PATH)
+        self.slave.autocommit = True
+        twophase.require_two_phase_commit(self.slave, "slave")
+        if not fetch_one(self.slave, SLAVE_LOCK, (self.name,)):
+            raise ReplicaError(f"another pyreplica is already replicating into this slave as {self.name}: "
+                               f"stop it first (one daemon per slave)", "slave")
+        apply.install(self.slave)
+        self.cascading = bool(fetch_one(self.slave, master.INSTALLED))
+        with self.slave.cursor() as cur:
+            apply.start_session(cur)
+        self.log.info("Encoding for this connections are %s %s", self.listener.encoding, self.slave.encoding)
+        self.check_slave_tables()
+        identity = tuple(self._fetch_row(self.slave, SLAVE_IDENTITY))
+        self.token = twophase.identity_token(identity)
+
+        with self.listener.cursor() as cur:
+            cur.execute(f"LISTEN {master.CHANNEL}")
+        record = self._claim(identity)
+        position = apply.read_position(self.slave, self.name)
+        twophase.recover(self.listener, self.slave, self.name, self.token,
+                         position[1] if position else None, record[1] if record else None)
+        self.position = self.find_position(identity)
+        self.slave.autocommit = False
+        return self
+
+    def _claim(self, identity):
+        try:
+            return master.claim(self.listener, self.name, identity)
+        except psycopg2.Error as e:
+            if getattr(e, "pgcode", None) == "PR002":
+                raise ReplicaError(first_line(e).removeprefix("ERROR:").strip().removeprefix("pyreplica: "),
+                                   "master") from e
+            raise
+
+    @staticmethod
+    def _fetch_row(conn, query, params=None):
+        with conn.cursor() as cur:
+            cur.execute(query, params)
+            return cur.fetchone()
+
+    def check_slave_tables(self):
+        """Every captured table (that this slave takes) must exist on the slave with its columns."""
+        with self.slave.cursor() as cur:
+            for table in master.captured_tables(self.listener):
+                if not self.pipeline.wants_table(table.qualified):
+                    continue
+                cur.execute(SLAVE_COLUMNS, (table.qualified,))
+                present = cur.fetchone()[0]
+                if present is None:
+                    raise ReplicaError(f"the slave has no table {table.qualified}, which the master replicates: "
+                                       f"create it on the slave (pg_dump -s -t '{table.qualified}' master | psql "
+                                       f"slave) or use pyreplica clone", "slave")
+                missing = [c for c in table.written_columns if c not in present]
+                if missing:
+                    raise ReplicaError(f"the slave's table {table.qualified} lacks column(s) {', '.join(missing)} "
+                                       f"that the master has: ALTER TABLE it on the slave to match the master",
+                                       "slave")
+
+    def find_position(self, identity):
+        """The slave's position, after making the master's record agree with it (docs/design.md §5)."""
+        position = apply.read_position(self.slave, self.name)
+        record = self._claim(identity)      # again: recovery may have moved it
+        if position is None:
+            return self._first_position(record, identity)
+        if record is None:
+            raise ReplicaError(f"slave {self.name} has a position but is not registered on the master (dropped "
+                               f"with drop-slave?): events it needs may be gone; rebuild it with pyreplica clone",
+                               "master")
+        (snapshot, batch_id), recorded = position, record[1]
+        with self.listener.cursor() as cur:
+            if recorded < batch_id:
+                self.log.warning("The master's record of slave %s is at batch %s, the slave at %s: "
+                                 "recording the slave's position", self.name, recorded, batch_id)
+                master.confirm(cur, self.name, snapshot, batch_id, 0)
+            elif recorded > batch_id:
+                self.log.warning("The master's record of slave %s is at batch %s but the slave at %s: "
+                                 "replaying from the slave's position", self.name, recorded, batch_id)
+                try:
+                    master.rewind(cur, self.name, snapshot, batch_id)
+                except psycopg2.Error as e:
+                    if getattr(e, "pgcode", None) != "PR003":
+                        raise
+                    raise ReplicaError(f"slave {self.name} is at batch {batch_id} but the master has it at batch "
+                                       f"{recorded} and has pruned events it needs (was the slave restored from "
+                                       f"an older backup?): rebuild it with pyreplica clone", "slave") from e
+        return snapshot, batch_id
+
+    def _first_position(self, record, identity):
+        if record is not None:
+            self.log.info("Slave %s starts at its registration on the master", self.name)
+            return record
+        start = master.log_start(self.listener)
+        if start is None:
+            raise ReplicaError(f"slave {self.name} is not registered on the master and the master's log has been "
+                               f"pruned since it was installed, so events this slave needs may be gone: register "
+                               f"it before copying the data (pyreplica register {self.name} MASTER) or use "
+                               f"pyreplica clone", "master")
+        snapshot = master.register(self.listener, self.name, start, identity)
+        self.log.info("New slave %s registered on the master, starting at the oldest logged event", self.name)
+        return snapshot, 0
+
+    def close(self):
+        for conn in (self.reader, self.slave, self.listener):
+            close_quietly(conn)
+        self.listener = self.reader = self.slave = None
