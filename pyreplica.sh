@@ -20,6 +20,8 @@
 #   PYREPLICA_LOGFILE=/var/log/pyreplica.log   PYREPLICA_USER=pyreplica
 # Exit codes are LSB's: status 0 running, 1 dead with a pid file left, 3 stopped; start 5 command
 # not found, 6 bad config; reload 7 not running.
+# The pid file's directory belongs to the pyreplica user, so its content is not trusted: a pid is
+# signalled only when /proc/PID/cmdline is `... service ... --pidfile $PYREPLICA_PIDFILE`.
 
 NAME=pyreplica
 [ -r /etc/default/pyreplica ] && . /etc/default/pyreplica
@@ -32,6 +34,11 @@ STOP_TIMEOUT=60
 # Where this script really lives: /etc/init.d/pyreplica is usually a symlink to a checkout.
 HERE=$(dirname "$(readlink -f "$0")")
 
+# Nothing is imported from the directory the script was started in: `python -m pyreplica.cli`
+# would otherwise import a pyreplica or psycopg2 module planted there (PYTHONSAFEPATH: Python 3.11+).
+cd / || exit 1
+export PYTHONSAFEPATH=1
+
 find_command() {
     if [ -n "$PYREPLICA" ]; then
         echo "$PYREPLICA"
@@ -42,10 +49,35 @@ find_command() {
     fi
 }
 
-running_pid() {
+# The pid named by the pid file, whether or not it runs.
+pidfile_pid() {
     [ -r "$PYREPLICA_PIDFILE" ] || return 1
-    pid=$(head -n 1 "$PYREPLICA_PIDFILE" | tr -cd '0-9')
-    [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && echo "$pid"
+    pid=$(head -n 1 "$PYREPLICA_PIDFILE" | tr -cd '0-9' | cut -c1-10)
+    [ -n "$pid" ] && echo "$pid"
+}
+
+# True when process $1 is this service: its arguments hold "service" and "--pidfile <our pid file>".
+is_service() {
+    [ -r "/proc/$1/cmdline" ] || return 1
+    tr '\0' '\n' <"/proc/$1/cmdline" | awk -v pidfile="$PYREPLICA_PIDFILE" '
+        $0 == "service" { service = 1 }
+        prev == "--pidfile" && $0 == pidfile { ours = 1 }
+        $0 == "--pidfile=" pidfile { ours = 1 }
+        { prev = $0 }
+        END { exit !(service && ours) }'
+}
+
+running_pid() {
+    pid=$(pidfile_pid) && kill -0 "$pid" 2>/dev/null && is_service "$pid" && echo "$pid"
+}
+
+# Says so when the pid file names a live process that is not the service (left alone).
+not_ours() {
+    if pid=$(pidfile_pid) && kill -0 "$pid" 2>/dev/null; then
+        echo "$NAME is not running: its pid file $PYREPLICA_PIDFILE names pid $pid, which is not the pyreplica service (not signalled)" >&2
+        return 0
+    fi
+    return 1
 }
 
 do_start() {
@@ -66,13 +98,13 @@ do_start() {
 
 do_stop() {
     if ! pid=$(running_pid); then
-        echo "$NAME is not running"
+        not_ours || echo "$NAME is not running"
         return 0
     fi
     echo "Stopping $NAME (pid $pid): workers finish or abandon their batch"
     kill -TERM "$pid"
     waited=0
-    while kill -0 "$pid" 2>/dev/null; do
+    while kill -0 "$pid" 2>/dev/null && is_service "$pid"; do
         if [ "$waited" -ge "$STOP_TIMEOUT" ]; then
             echo "$NAME (pid $pid) did not stop within $STOP_TIMEOUT s" >&2
             return 1
@@ -98,7 +130,7 @@ do_status() {
 
 do_reload() {
     if ! pid=$(running_pid); then
-        echo "$NAME is not running" >&2
+        not_ours || echo "$NAME is not running" >&2
         return 7
     fi
     echo "Reloading $NAME (pid $pid): re-reading $PYREPLICA_CONF_DIR"

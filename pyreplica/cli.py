@@ -3,13 +3,9 @@ import argparse
 import os
 import sys
 
-import psycopg2.extensions
-
 from . import config as configuration, log
-from .config import ConfigError
+from .config import EXIT_CONFIG, EXIT_FAIL, ConfigError
 from .db import ReplicaError
-
-EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
 def add_server_args(parser):
@@ -78,25 +74,11 @@ def load_config(args):
     return config
 
 
-def slave_name(args, config):
-    name = getattr(args, "name", None) or config.SLAVE_FIELD or config.NAME
-    if not name:
-        try:
-            name = psycopg2.extensions.parse_dsn(config.DSN1).get("dbname")
-        except psycopg2.ProgrammingError:
-            name = None
-    if not name:
-        raise ConfigError(f"{config.source}: cannot tell this slave's name: give --name or SLAVE_FIELD")
-    if not configuration.SLAVE_NAME_RE.match(name):
-        raise ConfigError(f"slave name {name!r} is not allowed: use 1-63 letters, digits, '_', '.' or '-' (--name)")
-    return name
-
-
 def cmd_run(args):
     from .mail import Mailer
     from .replicator import Replicator
     config = load_config(args)
-    name = slave_name(args, config)
+    name = configuration.slave_name(config, args.name)
     log.setup(config.NAME or name, config.DEBUG_LEVEL)
     return Replicator(config, name, Mailer.from_config(config, name)).run()
 
@@ -104,7 +86,7 @@ def cmd_run(args):
 def cmd_clone(args):
     from .clone import clone
     config = load_config(args)
-    name = slave_name(args, config)
+    name = configuration.slave_name(config, args.name)
     log.setup(config.NAME or name, config.DEBUG_LEVEL)
     return clone(config, name)
 
@@ -149,7 +131,7 @@ def cmd_status(args):
 def cmd_compare(args):
     from .compare import compare
     config = load_config(args)
-    return compare(config, slave_name(args, config), args.json, wait=args.wait)
+    return compare(config, configuration.slave_name(config, args.name), args.json, wait=args.wait)
 
 
 def cmd_demo(args):
@@ -173,7 +155,7 @@ def main(argv=None):
         return COMMANDS[args.command](args)
     except ConfigError as e:
         print(f"pyreplica: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return EXIT_CONFIG
     except ReplicaError as e:
         print(f"pyreplica: {e}", file=sys.stderr)
         return EXIT_FAIL

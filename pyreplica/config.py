@@ -5,9 +5,16 @@ A config file is INI with sections [MAIN] and [SMTP] (the original PyReplica's k
 names); DSN0/DSN1 may also come from the environment, as in the original console run.
 """
 import configparser
+import glob
 import os
 import re
 from dataclasses import dataclass, field
+
+import psycopg2.extensions
+
+# Exit codes of every pyreplica command, the service and its workers (systemd's unit and the init
+# script map them: 2 is a bad config that retrying cannot fix).
+EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
 
 
 class ConfigError(Exception):
@@ -198,6 +205,32 @@ def finish(config, environ):
             raise ConfigError(f"{config.source}: missing {key} (the {side}'s connection string) in [MAIN] "
                               f"and in the environment")
     return config
+
+
+def slave_name(config, override=None):
+    """This slave's name on the master: `override` (--name), else SLAVE_FIELD, NAME, the slave's dbname."""
+    name = override or config.SLAVE_FIELD or config.NAME
+    if not name:
+        try:
+            name = psycopg2.extensions.parse_dsn(config.DSN1).get("dbname")
+        except psycopg2.ProgrammingError:
+            name = None
+    if not name:
+        raise ConfigError(f"{config.source}: cannot tell this slave's name: give --name or SLAVE_FIELD")
+    if not SLAVE_NAME_RE.match(name):
+        raise ConfigError(f"slave name {name!r} is not allowed: use 1-63 letters, digits, '_', '.' or '-' (--name)")
+    return name
+
+
+def conf_paths(conf_dir):
+    """The service's confs: one worker per CONF_DIR/*.conf, in a stable order."""
+    return sorted(glob.glob(os.path.join(glob.escape(conf_dir), "*.conf")))
+
+
+def load_worker(path):
+    """(config, slave name) of a service worker, exactly as `pyreplica run -c PATH` would get them."""
+    config = load(path)
+    return config, slave_name(config)
 
 
 def sample_conf():

@@ -9,24 +9,25 @@ init script) with exit code 1 or 2 before anything detaches:
      workers (pyreplica.service) and says "ready" through a pipe; the parent waits for that word,
      so `pyreplica service` exits 0 only once the service really runs.
 """
-import glob
 import logging.handlers
 import os
 import pwd
 import select
 import signal
+import stat
 import sys
 
 import daemon   # python-daemon: this module is pyreplica.daemon, so the name is free
 
 from . import config as configuration, log
+from .config import EXIT_CONFIG, EXIT_FAIL, EXIT_OK
+from .service import Supervisor
 
 DEFAULT_CONF_DIR = "/etc/pyreplica"
 DEFAULT_PIDFILE = "/run/pyreplica/pyreplica.pid"
 DEFAULT_LOGFILE = "/var/log/pyreplica.log"
 DEFAULT_USER = "pyreplica"
 READY_TIMEOUT = 30.0
-EXIT_FAIL, EXIT_CONFIG = 1, 2
 
 
 class ServiceError(Exception):
@@ -51,8 +52,9 @@ def add_arguments(parser):
 
 
 # -- the pid file ----------------------------------------------------------------------------------
-def pid_running(pid):
-    """True when `pid` is a live process that looks like ours (a recycled pid is not)."""
+def service_process(pid, pidfile):
+    """True when `pid` is a live `pyreplica service` using `pidfile`: a recycled pid, or a pid written by
+    whoever can write the pid file's directory, names another process and is left alone."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -61,9 +63,16 @@ def pid_running(pid):
         pass
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"pyreplica" in f.read()
+            argv = [a.decode(errors="replace") for a in f.read().split(b"\0")]
     except OSError:
-        return True
+        return False        # gone meanwhile, or no /proc: never take another process for ours
+    if "service" not in argv:
+        return False
+    named = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--pidfile"]
+    named += [a[len("--pidfile="):] for a in argv if a.startswith("--pidfile=")]
+    if named:
+        return os.path.abspath(named[-1]) == os.path.abspath(pidfile)
+    return any("pyreplica" in a for a in argv)   # started with the default / environment's pid file
 
 
 class PidFile:
@@ -78,7 +87,7 @@ class PidFile:
                 pid = int(f.read().split()[0])
         except (OSError, ValueError, IndexError):
             return None
-        return pid if pid != os.getpid() and pid_running(pid) else None
+        return pid if pid != os.getpid() and service_process(pid, self.path) else None
 
     def check(self):
         pid = self.running_pid()
@@ -121,14 +130,10 @@ def service_user(name):
                            f"`useradd --system --no-create-home {name}` (or choose one with --user)") from None
 
 
-def conf_paths(conf_dir):
-    return sorted(glob.glob(os.path.join(glob.escape(conf_dir), "*.conf")))
-
-
 def worker_logfiles(conf_dir):
     """LOGFILE of every readable conf (bad confs are reported later, as the service user)."""
     found = set()
-    for path in conf_paths(conf_dir):
+    for path in configuration.conf_paths(conf_dir):
         try:
             found.add(configuration.load(path, environ={"DSN0": "-", "DSN1": "-"}).LOGFILE)
         except configuration.ConfigError:
@@ -136,16 +141,84 @@ def worker_logfiles(conf_dir):
     return found
 
 
+def writable_by_others(st):
+    """A directory where a user other than root may add, rename or remove names."""
+    return st.st_uid != 0 or st.st_mode & 0o022
+
+
+def trusted_dir(path, hops=40):
+    """`path` with every symbolic link resolved, when no name on the way to it can be swapped by a user
+    other than root (a root-owned entry of a sticky directory such as /tmp cannot); else None.
+    Root creates files only there, so a link planted by the service user is never followed."""
+    current, parts = "/", [p for p in os.path.abspath(path).split("/") if p]
+    while parts:
+        name = parts.pop(0)
+        entry = os.path.join(current, name)
+        try:
+            here, st = os.stat(current), os.lstat(entry)
+        except OSError:
+            return None
+        if writable_by_others(here) and not (here.st_mode & stat.S_ISVTX and st.st_uid == 0):
+            return None
+        if stat.S_ISLNK(st.st_mode):
+            hops -= 1
+            if hops < 0:
+                return None
+            target = os.path.join(current, os.readlink(entry))   # an absolute target replaces current
+            current, parts = "/", [p for p in os.path.normpath(target).split("/") if p] + parts
+        elif stat.S_ISDIR(st.st_mode):
+            current = entry
+        else:
+            return None
+    return current
+
+
+def create_for(user, path):
+    """Create the missing file `path` for the service user (root's part of the start).
+
+    Only in a directory reached without a name another user could swap, with an exclusive no-follow
+    open (a link or file already there is left alone) and fchown on what was opened. Anything else is
+    left to the service user, after the drop: what it cannot do then is reported."""
+    parent = trusted_dir(os.path.dirname(os.path.abspath(path)))
+    if parent is None:
+        return
+    try:
+        fd = os.open(os.path.join(parent, os.path.basename(path)),
+                     os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
+    except OSError:
+        return      # exists (maybe as a link: not followed as root), or cannot be created
+    try:
+        os.fchown(fd, user.pw_uid, user.pw_gid)
+    finally:
+        os.close(fd)
+
+
+def create_dir_for(user, path):
+    """The pid directory, like create_for: made 0700 by root, then handed over only if what we
+    open without following a link is still that empty root-owned directory."""
+    parent = trusted_dir(os.path.dirname(path))
+    if parent is None:
+        return
+    made = os.path.join(parent, os.path.basename(path))
+    try:
+        os.mkdir(made, 0o700)
+        fd = os.open(made, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return
+    try:
+        st = os.fstat(fd)
+        if st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o700 and st.st_nlink == 2:
+            os.fchmod(fd, 0o755)
+            os.fchown(fd, user.pw_uid, user.pw_gid)
+    finally:
+        os.close(fd)
+
+
 def prepare_as_root(user, args):
     """Create what the service user must write but may not create: log files, the pid directory."""
-    for path in {args.logfile} | worker_logfiles(args.conf_dir):
-        if not os.path.exists(path) and os.path.isdir(os.path.dirname(path) or "."):
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640))
-            os.chown(path, user.pw_uid, user.pw_gid)
-    piddir = os.path.dirname(os.path.abspath(args.pidfile))
-    if not os.path.isdir(piddir):
-        os.makedirs(piddir, 0o755)
-        os.chown(piddir, user.pw_uid, user.pw_gid)
+    for path in sorted({args.logfile} | worker_logfiles(args.conf_dir)):
+        create_for(user, path)
+    create_dir_for(user, os.path.dirname(os.path.abspath(args.pidfile)))
 
 
 def drop_privileges(user):
@@ -156,6 +229,17 @@ def drop_privileges(user):
     os.environ.update(HOME=user.pw_dir, USER=user.pw_name, LOGNAME=user.pw_name)
 
 
+def cannot_write_log(path, who, error):
+    if os.path.islink(path):
+        # never advise a chown here: chown follows the link to whatever it names
+        return (f"user {who} cannot write the log file {path}: it is a symbolic link to {os.readlink(path)} "
+                f"({error.strerror}); remove the link, or set the log file to a path of your choosing")
+    if not os.path.exists(path):
+        return (f"user {who} cannot create the log file {path}: {error.strerror} (create it for that user "
+                f"in a directory only root can write, e.g. `install -o {who} -m 0640 /dev/null {path}`)")
+    return f"user {who} cannot write the log file {path}: {error.strerror} (chown {who} {path})"
+
+
 def check_can_run(args, who):
     """Everything the detached service will need, checked while we can still tell the terminal."""
     if not os.access(sys.executable, os.X_OK):
@@ -163,18 +247,16 @@ def check_can_run(args, who):
                            f"where that user can read it (e.g. a virtualenv under /opt), or choose --user")
     if not os.path.isdir(args.conf_dir) or not os.access(args.conf_dir, os.R_OK | os.X_OK):
         raise ServiceError(f"cannot read the config directory {args.conf_dir} as user {who}")
-    from .service import load_conf
-    for path in conf_paths(args.conf_dir):
+    for path in configuration.conf_paths(args.conf_dir):
         try:
-            load_conf(path)
+            configuration.load_worker(path)
         except configuration.ConfigError as e:
             raise ServiceError(str(e), EXIT_CONFIG) from None
-    for path in {args.logfile} | worker_logfiles(args.conf_dir):
+    for path in sorted({args.logfile} | worker_logfiles(args.conf_dir)):
         try:
             open(path, "a").close()
         except OSError as e:
-            raise ServiceError(f"user {who} cannot write the log file {path}: {e.strerror} "
-                               f"(chown {who} {path})") from None
+            raise ServiceError(cannot_write_log(path, who, e)) from None
     piddir = os.path.dirname(os.path.abspath(args.pidfile))
     if not os.access(piddir, os.W_OK | os.X_OK):
         raise ServiceError(f"user {who} cannot write pid files in {piddir}: use --pidfile "
@@ -234,7 +316,7 @@ def start_detached(args):
     answer = read_answer(read_fd)
     if answer.startswith("ready "):
         print(f"pyreplica service started (pid {answer.split()[1]}, log {args.logfile})")
-        return 0
+        return EXIT_OK
     reason = answer[len("error "):] if answer.startswith("error ") else f"see {args.logfile}"
     print(f"pyreplica: the service did not start: {reason}", file=sys.stderr)
     return EXIT_FAIL
@@ -261,7 +343,6 @@ def report(fd, text):
 
 def serve(args, ready, detach):
     """Run the supervisor inside the daemon context (pid file held until it returns)."""
-    from .service import Supervisor
     service_log = ServiceLog(args.logfile, console=not detach)
     supervisor = Supervisor(args.conf_dir, service_log)
     logstream = open(args.logfile, "a")

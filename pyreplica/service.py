@@ -14,16 +14,17 @@ import signal
 import subprocess
 import sys
 import time
-import types
 
 from . import config as configuration, log
-from .daemon import conf_paths
+from .config import EXIT_CONFIG, EXIT_FAIL, EXIT_OK, conf_paths, load_worker
+from .mail import Mailer
+from .replicator import Replicator
 
 BACKOFF_MAX = 60.0       # longest wait before restarting a worker that keeps failing
 HEALTHY_AFTER = 60.0     # a worker that ran this long starts its backoff afresh
 STOP_TIMEOUT = 30.0      # SIGTERM -> SIGKILL for a worker that does not stop
-EXIT_MEANING = {0: "a clean stop", 1: "a fatal error (server, install or config problem, see its log)",
-                2: "a bad config"}
+EXIT_MEANING = {EXIT_OK: "a clean stop", EXIT_FAIL: "a fatal error (server, install or config problem, see its log)",
+                EXIT_CONFIG: "a bad config"}
 PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -98,7 +99,7 @@ class Supervisor:
         self.log.info("SIGTERM: stopping %s worker(s)", sum(1 for w in self.workers.values() if w.proc))
         self.stop(list(self.workers.values()))
         self.log.info("Service stopped")
-        return 0
+        return EXIT_OK
 
     def wait(self):
         due = [w.next_start for w in self.workers.values() if w.proc is None and w.held is None]
@@ -135,7 +136,7 @@ class Supervisor:
 
     def start(self, w):
         try:
-            config, _ = load_conf(w.conf)
+            config, _ = load_worker(w.conf)
         except configuration.ConfigError as e:
             w.held = str(e)
             self.log.error("Worker %s not started: %s (fix it, then reload)", w.name, e)
@@ -145,7 +146,8 @@ class Supervisor:
             p for p in (PACKAGE_PARENT, os.environ.get("PYTHONPATH")) if p))
         try:
             w.proc = subprocess.Popen([sys.executable, "-m", "pyreplica.service", "worker", w.conf],
-                                      env=env, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
+                                      env=env, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent,
+                                      cwd="/")   # `-m` imports from the working directory first
         except OSError as e:
             self.log.error("Worker %s could not be started: %s", w.name, e)
             self.schedule_restart(w)
@@ -203,23 +205,14 @@ def describe_exit(code):
 
 
 # -- the worker process ----------------------------------------------------------------------------
-def load_conf(path):
-    """(config, slave name) of a worker, exactly as `pyreplica run -c PATH` would get them."""
-    from .cli import slave_name
-    config = configuration.load(path)
-    return config, slave_name(types.SimpleNamespace(name=None), config)
-
-
 def worker_main(conf):
     """One replication worker: the console run's Replicator, logging to the conf's LOGFILE."""
-    from .mail import Mailer
-    from .replicator import Replicator
     signal.signal(signal.SIGHUP, signal.SIG_IGN)    # the supervisor's business; the log follows renames
     try:
-        config, name = load_conf(conf)
+        config, name = load_worker(conf)
     except configuration.ConfigError as e:
         print(f"pyreplica: {e}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     logger = log.setup(config.NAME or name, config.DEBUG_LEVEL,
                        handler=logging.handlers.WatchedFileHandler(config.LOGFILE))
     with WorkerPidFile(config.PIDFILE):
@@ -227,7 +220,7 @@ def worker_main(conf):
             return Replicator(config, name, Mailer.from_config(config, name)).run()
         except Exception:
             logger.exception("Worker for %s failed unexpectedly", conf)
-            return 1
+            return EXIT_FAIL
 
 
 class WorkerPidFile:

@@ -16,6 +16,16 @@ apt_install() {
         apt-get update -qq
         apt_updated=1
     fi
+    # Never an unasked-for server upgrade: apt restarts every cluster of the host when it upgrades
+    # postgresql-NN (e.g. to match a newer plpython3); refused while a PostgreSQL server runs.
+    local simulation
+    simulation=$(mktemp)
+    DEBIAN_FRONTEND=noninteractive apt-get -s install -y "$@" >"$simulation" 2>&1 || true
+    if ! scripts/server-upgrade-guard.sh "$simulation" "$@"; then
+        rm -f "$simulation"
+        exit 3
+    fi
+    rm -f "$simulation"
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
 }
 have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'ok installed'; }
@@ -27,8 +37,8 @@ if command -v apt-get >/dev/null; then
         apt_install postgresql postgresql-contrib
     fi
     major=$(pg_major)
-    # plpython3 must be built for the very same server version: installing it lets apt upgrade
-    # postgresql-$major to match, which is what we want.
+    # plpython3 must be built for the very same server version: installing it may make apt upgrade
+    # postgresql-$major to match; apt_install refuses that while a server runs (see above).
     want=(postgresql-plpython3-"$major" libpq-dev python3-dev gcc)
     missing=()
     for p in "${want[@]}"; do have_pkg "$p" || missing+=("$p"); done

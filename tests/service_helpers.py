@@ -77,16 +77,28 @@ class Service:
         return dict(python_env(), PYREPLICA=f"{self.python} -m pyreplica.cli", PYREPLICA_CONF_DIR=self.conf_dir,
                     PYREPLICA_PIDFILE=self.pidfile, PYREPLICA_LOGFILE=self.logfile, PYREPLICA_USER=SERVICE_USER)
 
-    def init(self, action):
+    def init(self, action, cwd="/"):
         """/etc/init.d/pyreplica ACTION, through the symlink: (exit code, output)."""
         result = subprocess.run([self.initd, action], env=self.env(), capture_output=True, text=True, timeout=90,
-                                cwd="/")
+                                cwd=cwd)
         return result.returncode, result.stdout + result.stderr
 
     def command(self, *args):
         result = subprocess.run([self.python, "-m", "pyreplica.cli", "service", *args], env=python_env(),
                                 capture_output=True, text=True, timeout=60, cwd="/")
         return result.returncode, result.stdout, result.stderr
+
+    def as_user(self, *command):
+        """Run a command as the service user, the attacker of the tests that plant files."""
+        subprocess.run(command, user=self.user.pw_uid, group=self.user.pw_gid, extra_groups=[], check=True,
+                       cwd="/")
+
+    def user_dir(self, name):
+        """A directory of the temp dir that the service user owns (as a pid or log directory may be)."""
+        path = os.path.join(self.dir, name)
+        os.mkdir(path, 0o755)
+        os.chown(path, self.user.pw_uid, self.user.pw_gid)
+        return path
 
     def write_conf(self, name, master, slave, smtp=None, **extra):
         keys = {"NAME": name, "SLAVE_FIELD": name, "DSN0": master.dsn, "DSN1": slave.dsn, "KEEPALIVE": 5,

@@ -5,12 +5,13 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 
 import pytest
 
 from replication import ROOT, create_on_both, prepared_count, wait_identical, wait_until
-from service_helpers import SERVICE_USER, service  # noqa: F401 (fixture)
+from service_helpers import SERVICE_USER, conf_text, service  # noqa: F401 (fixture)
 
 TABLE = "CREATE TABLE t (id int PRIMARY KEY, v text)"
 
@@ -135,8 +136,11 @@ def test_systemd_unit():
     with tempfile.TemporaryDirectory() as d:
         # verify an instance; the command must exist, so point it at this checkout's when not installed
         command = svc["ExecStart"].split()[0]
-        if not os.path.exists(command):
-            text = text.replace(command, os.path.join(ROOT, ".venv", "bin", "pyreplica"))
+        if not os.path.exists(command):   # the checkout's, else the one next to the interpreter running us
+            local = os.path.join(ROOT, ".venv", "bin", "pyreplica")
+            if not os.path.exists(local):
+                local = os.path.join(os.path.dirname(sys.executable), "pyreplica")
+            text = text.replace(command, local)
         instance = os.path.join(d, "pyreplica@somedb.service")
         with open(instance, "w") as f:
             f.write(text)
@@ -173,3 +177,107 @@ def test_failing_worker_is_retried_with_backoff_and_log_follows_logrotate(servic
     assert any(line.startswith("late ") and line.endswith(" Stopped") for line in lines)
     assert lines[-1].endswith(" Service stopped")
     assert prepared_count(bare_master) == prepared_count(slave) == 0
+
+
+# -- as an attacker: the pyreplica user (who owns the pid directory, maybe a log directory) against root --
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the attacks are on root's start of the service")
+DUMMY_DSNS = {"DSN0": "host=127.0.0.1 port=1 dbname=m", "DSN1": "host=127.0.0.1 port=1 dbname=s"}
+
+
+def root_file(path, text="root's own\n"):
+    with open(path, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o644)
+    return path
+
+
+def untouched(path, text="root's own\n"):
+    st = os.lstat(path)
+    with open(path) as f:
+        return (st.st_uid, oct(st.st_mode & 0o777), f.read()) == (0, "0o644", text)
+
+
+@needs_root
+def test_root_never_follows_a_link_planted_in_a_log_or_pid_path(service):
+    logs = service.user_dir("logs")                 # a log directory the service user may write
+    rootonly = os.path.join(service.dir, "rootonly")
+    os.mkdir(rootonly, 0o755)
+    victim = root_file(os.path.join(service.dir, "victim"))
+    # the service's own log -> an existing root file; a worker's LOGFILE -> a file root would create
+    service.logfile = os.path.join(logs, "pyreplica.log")
+    service.as_user("ln", "-s", victim, service.logfile)
+    worker_log = os.path.join(logs, "worker.log")
+    service.as_user("ln", "-s", os.path.join(rootonly, "new"), worker_log)
+    with open(os.path.join(service.conf_dir, "w.conf"), "w") as f:
+        f.write(conf_text(dict(DUMMY_DSNS, LOGFILE=worker_log)))
+
+    assert service.init("start") == (1, f"pyreplica: user {SERVICE_USER} cannot write the log file {service.logfile}: "
+                                        f"it is a symbolic link to {victim} (Permission denied); remove the link, or "
+                                        f"set the log file to a path of your choosing\n")
+    assert untouched(victim)
+    os.unlink(service.logfile)
+    assert service.init("start") == (1, f"pyreplica: user {SERVICE_USER} cannot write the log file {worker_log}: "
+                                        f"it is a symbolic link to {rootonly}/new (Permission denied); remove the "
+                                        f"link, or set the log file to a path of your choosing\n")
+    assert os.listdir(rootonly) == [], "root created a file through the planted link"
+    # root made the service's own log afresh, for the user, since it was gone
+    assert os.lstat(service.logfile).st_uid == service.user.pw_uid
+
+    # a directory on the way swapped for a link to a root directory: root creates nothing there
+    os.unlink(worker_log)
+    service.as_user("ln", "-s", rootonly, os.path.join(logs, "sub"))
+    with open(os.path.join(service.conf_dir, "w.conf"), "w") as f:
+        f.write(conf_text(dict(DUMMY_DSNS, LOGFILE=os.path.join(logs, "sub", "w.log"))))
+    rc, out = service.init("start")
+    assert (rc, out) == (1, f"pyreplica: user {SERVICE_USER} cannot create the log file {logs}/sub/w.log: Permission "
+                            f"denied (create it for that user in a directory only root can write, e.g. `install -o "
+                            f"{SERVICE_USER} -m 0640 /dev/null {logs}/sub/w.log`)\n")
+    assert os.listdir(rootonly) == []
+
+    # the pid directory: a link to a root directory is neither created through nor chowned
+    os.unlink(os.path.join(service.conf_dir, "w.conf"))
+    service.pidfile = os.path.join(logs, "run", "pyreplica.pid")
+    service.as_user("ln", "-s", rootonly, os.path.join(logs, "run"))
+    rc, out = service.init("start")
+    assert (rc, out) == (1, f"pyreplica: user {SERVICE_USER} cannot write pid files in {logs}/run: use --pidfile "
+                            f"/run/pyreplica/pyreplica.pid (created for it) or chown {SERVICE_USER} {logs}/run\n")
+    st = os.stat(rootonly)
+    assert (st.st_uid, os.listdir(rootonly)) == (0, [])
+    assert service.processes() == []
+
+
+@needs_root
+def test_a_pid_file_naming_another_process_is_never_signalled(service):
+    os.makedirs(os.path.dirname(service.pidfile))
+    os.chown(os.path.dirname(service.pidfile), service.user.pw_uid, service.user.pw_gid)
+    # a root process that even looks a bit like a service: "pyreplica", "service", another pid file
+    victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", "pyreplica", "service",
+                               "--pidfile", "/elsewhere/pyreplica.pid"])
+    try:
+        service.as_user("sh", "-c", f"echo {victim.pid} > {service.pidfile}")
+        said = (f"pyreplica is not running: its pid file {service.pidfile} names pid {victim.pid}, which is not the "
+                f"pyreplica service (not signalled)\n")
+        assert service.init("stop") == (0, said)
+        assert service.init("reload") == (7, said)
+        assert service.init("restart")[0] == 0       # the pid file is taken over, the process left alone
+        assert service.pid != victim.pid and service.init("status")[0] == 0
+        assert service.init("stop")[0] == 0 and service.processes() == []
+        assert victim.poll() is None, "a process named by the pid file was signalled"
+    finally:
+        victim.kill()
+        victim.wait()
+
+
+@needs_root
+def test_init_script_imports_nothing_from_the_working_directory(service):
+    cwd = service.user_dir("attacker")
+    marker = os.path.join(service.dir, "imported")
+    payload = f"open({marker!r}, 'a').write(__name__ + '\\n')\n"
+    for module in ("pyreplica/__init__.py", "pyreplica/cli.py", "psycopg2/__init__.py", "daemon.py"):
+        os.makedirs(os.path.join(cwd, os.path.dirname(module)), exist_ok=True)
+        with open(os.path.join(cwd, module), "w") as f:
+            f.write(payload)
+    rc, out = service.init("start", cwd=cwd)
+    assert rc == 0, out + service.log
+    assert service.init("stop", cwd=cwd)[0] == 0
+    assert not os.path.exists(marker), "planted modules ran: " + open(marker).read()
