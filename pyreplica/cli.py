@@ -112,7 +112,7 @@ def cmd_register(args):
 def cmd_recover(args):
     from .admin import recover
     config = load_config(args)
-    name = slave_name(args, config)
+    name = configuration.slave_name(config, args.name)
     log.setup(config.NAME or name, config.DEBUG_LEVEL)
     return recover(config, name)
 
