@@ -1,4 +1,4 @@
-"""pyreplica's benchmark (DESIGN §10): `make bench` (python -m bench.run), `make bench-quick` (--quick).
+"""pyreplica's benchmark (docs/design.md §10): `make bench` (python -m bench.run), `make bench-quick` (--quick).
 
 Starts its own throw-away clusters with fsync, synchronous_commit and full_page_writes on:
   plain    wal_level = replica: master for the write-cost variants none / pyreplica / pgq

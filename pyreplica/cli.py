@@ -1,4 +1,4 @@
-"""The `pyreplica` command (DESIGN §8). Exit codes: 0 success, 1 failure or difference, 2 bad usage/config."""
+"""The `pyreplica` command (docs/design.md §8). Exit codes: 0 success, 1 failure or difference, 2 bad usage/config."""
 import argparse
 import os
 import sys

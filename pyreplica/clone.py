@@ -1,4 +1,4 @@
-"""`pyreplica clone` (DESIGN §8): a new slave from one exported master snapshot, writers never stopped.
+"""`pyreplica clone` (docs/design.md §8): a new slave from one exported master snapshot, writers never stopped.
 
 1. The slave is registered on the master (with its identity) at the current snapshot, and that
    registration is committed: from then on pruning keeps every event the slave may need.

@@ -1,4 +1,4 @@
-"""`pyreplica compare` (DESIGN §8): every replicated table's row count and content hash, on both sides,
+"""`pyreplica compare` (docs/design.md §8): every replicated table's row count and content hash, on both sides,
 at one consistent point.
 
 The point: a REPEATABLE READ transaction on the slave reads the slave's position (the master

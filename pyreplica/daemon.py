@@ -1,4 +1,4 @@
-"""`pyreplica service`: the replication service as a Unix daemon (DESIGN §7), on python-daemon.
+"""`pyreplica service`: the replication service as a Unix daemon (docs/design.md §7), on python-daemon.
 
 Start-up order matters and is chosen so that every mistake is reported to the terminal (or the
 init script) with exit code 1 or 2 before anything detaches:

@@ -1,4 +1,4 @@
-"""`pyreplica demo` (DESIGN §8): the whole job on two throw-away local clusters, in well under a minute.
+"""`pyreplica demo` (docs/design.md §8): the whole job on two throw-away local clusters, in well under a minute.
 
 Starts a master and a slave cluster, installs pyreplica on the master, creates a small shop schema
 on both, writes some rows, runs the replicator (in a thread of this process), writes a workload

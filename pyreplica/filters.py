@@ -1,4 +1,4 @@
-"""Filters and transforms (DESIGN §7): which events a slave takes, and how.
+"""Filters and transforms (docs/design.md §7): which events a slave takes, and how.
 
 `TABLES` patterns (fnmatch on schema.table) choose the tables; administrator's SQL (op S) always
 passes. Each callable named in `FILTERS` (module:function) sees every event and returns it

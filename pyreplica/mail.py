@@ -1,4 +1,4 @@
-"""Notification mail (DESIGN §7): start, stop, error and conflict warning, through [SMTP].
+"""Notification mail (docs/design.md §7): start, stop, error and conflict warning, through [SMTP].
 
 Login is optional; STARTTLS is used when the server offers it. Mails are sent by a background
 thread, in order, so that a slow, hanging or dead SMTP server never holds up replication; a failure

@@ -1,4 +1,4 @@
-"""The service's supervisor (DESIGN §7): one isolated worker process per CONF_DIR/*.conf.
+"""The service's supervisor (docs/design.md §7): one isolated worker process per CONF_DIR/*.conf.
 
 Each worker is its own Python process (`python -m pyreplica.service worker CONF`) running
 Replicator(...).run(), so one crashing, leaking or hanging cannot harm the others. A worker that

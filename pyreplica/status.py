@@ -1,4 +1,4 @@
-"""`pyreplica status` (DESIGN §8): per slave registered on the master, how far it has got.
+"""`pyreplica status` (docs/design.md §8): per slave registered on the master, how far it has got.
 
 Everything is read from the master's registry (pyreplica.replica_slaves) and log: a slave is behind
 by the events pyreplica.unapplied() finds for the snapshot it confirmed (docs/design.md §4).

@@ -1,4 +1,4 @@
-"""Real throw-away PostgreSQL servers for the suite (DESIGN §9).
+"""Real throw-away PostgreSQL servers for the suite (docs/design.md §9).
 
 Two clusters are started once per session (`master_cluster`, `slave_cluster`); each test gets fresh
 databases in them (`master`, `slave`), so tests are isolated and the suite stays fast. Clusters are

@@ -1,6 +1,6 @@
 """The benchmark runs end to end (`python -m bench.run --smoke`: real clusters, tiny sizes).
 
-Only the shape of its output is checked: speed is never asserted (DESIGN §10).
+Only the shape of its output is checked: speed is never asserted (docs/design.md §10).
 """
 import math
 import os

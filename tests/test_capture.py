@@ -1,4 +1,4 @@
-"""What the capture triggers log (DESIGN §3), checked by replaying the log on a slave database with
+"""What the capture triggers log (docs/design.md §3), checked by replaying the log on a slave database with
 the same schema and comparing the tables, and by reading the log itself."""
 import contextlib
 import select

@@ -1,4 +1,4 @@
-"""Property: replaying replica_log on a copy of the schema gives back the master's table (DESIGN §3).
+"""Property: replaying replica_log on a copy of the schema gives back the master's table (docs/design.md §3).
 
 Hypothesis draws a table (mixed column types, odd identifiers, a primary key of one to three
 columns of various types, maybe an identity and a generated column), runs a random sequence of

@@ -1,4 +1,4 @@
-"""Configuration (DESIGN §7): sample.conf from KEYS, the original keys, and refusals with exit code 2."""
+"""Configuration (docs/design.md §7): sample.conf from KEYS, the original keys, and refusals with exit code 2."""
 import os
 import subprocess
 import sys

@@ -1,4 +1,4 @@
-"""`pyreplica demo` (DESIGN §8): two throw-away clusters, a workload, status and compare, all cleaned up."""
+"""`pyreplica demo` (docs/design.md §8): two throw-away clusters, a workload, status and compare, all cleaned up."""
 import re
 import signal
 import socket

@@ -1,4 +1,4 @@
-"""Filters, transforms and per-slave TABLES (DESIGN §7), with the daemon as a real process.
+"""Filters, transforms and per-slave TABLES (docs/design.md §7), with the daemon as a real process.
 
 The filter module is written to a temporary directory put on the daemon's PYTHONPATH, as an
 administrator would put theirs next to the config.

@@ -1,4 +1,4 @@
-"""Notification mail (DESIGN §7) through a real SMTP server on loopback (aiosmtpd): start, stop,
+"""Notification mail (docs/design.md §7) through a real SMTP server on loopback (aiosmtpd): start, stop,
 error and conflict warning; one mail per outage; a dead SMTP server never stops replication."""
 import email
 import email.policy

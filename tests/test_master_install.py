@@ -1,4 +1,4 @@
-"""master-install.sql / master-uninstall.sql and the trigger management functions (DESIGN §3),
+"""master-install.sql / master-uninstall.sql and the trigger management functions (docs/design.md §3),
 against real servers."""
 import contextlib
 import os

@@ -1,4 +1,4 @@
-"""Lazy multi-master (seeds' install guide, DESIGN §6): two databases, each master and slave of the other.
+"""Lazy multi-master (seeds' install guide, docs/design.md §6): two databases, each master and slave of the other.
 
 Applications write as `postgres` on either side; the two daemons (A -> B and B -> A) connect as the
 replication role `repl` with SKIP_USER = repl. Every change reaches the other side exactly once and
@@ -92,7 +92,7 @@ def test_changes_on_either_side_reach_the_other_exactly_once(pair):
 
 
 def always_capture(db):
-    """Capture replayed rows too, as a cascading setup does (DESIGN §6): only SKIP_USER prevents loops."""
+    """Capture replayed rows too, as a cascading setup does (docs/design.md §6): only SKIP_USER prevents loops."""
     for (name,) in db.execute("SELECT tgname FROM pg_trigger WHERE tgrelid = 't'::regclass "
                               "AND tgfoid = 'pyreplica.py_log_replica()'::regprocedure"):
         db.execute(f'ALTER TABLE t ENABLE ALWAYS TRIGGER "{name}"')

@@ -1,4 +1,4 @@
-"""The replication core (DESIGN §4-§6): real master, real slave, the daemon as a real process."""
+"""The replication core (docs/design.md §4-§6): real master, real slave, the daemon as a real process."""
 import signal
 import threading
 import time

@@ -1,4 +1,4 @@
-"""The service (DESIGN §7) for real: detached, pid file, the pyreplica user, one worker per conf,
+"""The service (docs/design.md §7) for real: detached, pid file, the pyreplica user, one worker per conf,
 SIGHUP, SIGTERM, the init.d script through its /etc/init.d-style symlink, the systemd unit."""
 import configparser
 import os

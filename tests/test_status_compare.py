@@ -1,4 +1,4 @@
-"""`pyreplica status` and `pyreplica compare` (DESIGN §8) against real master and slave servers."""
+"""`pyreplica status` and `pyreplica compare` (docs/design.md §8) against real master and slave servers."""
 import contextlib
 import io
 import json

@@ -5,7 +5,7 @@ CREATE SCHEMA IF NOT EXISTS pyreplica;
 
 CREATE TABLE IF NOT EXISTS pyreplica.position (
     slave      text        PRIMARY KEY,      -- this slave's name on the master
-    snapshot   pg_snapshot NOT NULL,         -- master snapshot applied up to (DESIGN §4)
+    snapshot   pg_snapshot NOT NULL,         -- master snapshot applied up to (docs/design.md §4)
     batch_id   bigint      NOT NULL,         -- last batch committed; names the 2PC transactions
     applied    bigint      NOT NULL DEFAULT 0,
     updated_at timestamptz NOT NULL DEFAULT now()
