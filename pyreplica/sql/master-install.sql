@@ -739,7 +739,8 @@ AS $fn$
 DECLARE
     s pyreplica.replica_slaves;
 BEGIN
-    SELECT * INTO s FROM pyreplica.replica_slaves r WHERE r.name = slave FOR UPDATE;
+    -- no row lock: an in-doubt batch of this slave may hold one, and recovery comes after this
+    SELECT * INTO s FROM pyreplica.replica_slaves r WHERE r.name = slave;
     IF NOT FOUND THEN
         RETURN;
     END IF;
@@ -747,7 +748,7 @@ BEGIN
         UPDATE pyreplica.replica_slaves r
            SET slave_system_id = claim_slave.slave_system_id, slave_database = claim_slave.slave_database,
                last_contact = now()
-         WHERE r.name = slave;
+         WHERE r.name = slave AND r.slave_system_id IS NULL;
     ELSIF (s.slave_system_id, s.slave_database) IS DISTINCT FROM (claim_slave.slave_system_id, claim_slave.slave_database) THEN
         RAISE EXCEPTION 'pyreplica: slave name "%" belongs to another slave (database % of server %), not to this one (database % of server %)',
                         slave, s.slave_database, s.slave_system_id, claim_slave.slave_database, claim_slave.slave_system_id

@@ -1,0 +1,80 @@
+"""Recovery after an operator settles in-doubt batches by hand (issue 11 item 8, docs/design.md §5):
+every manual COMMIT/ROLLBACK PREPARED of every in-doubt state converges to equal data, or refuses
+only when events the slave needs are really gone."""
+import signal
+
+import pytest
+
+from replication import Daemon, create_on_both, prepared_count, run_cli, wait_identical, wait_until
+
+TABLE = "CREATE TABLE t (id int PRIMARY KEY, v text)"
+
+# (where the daemon dies, what the operator then settles by hand)
+SETTLEMENTS = [
+    ("after_master_prepare", [("master", "COMMIT")]),
+    ("after_master_prepare", [("master", "ROLLBACK")]),
+    ("after_master_prepare", [("slave", "COMMIT")]),
+    ("after_master_prepare", [("slave", "ROLLBACK")]),
+    ("after_slave_prepare", [("slave", "COMMIT")]),
+    ("after_slave_prepare", [("slave", "ROLLBACK")]),
+    ("after_slave_commit", [("master", "COMMIT")]),
+    ("after_slave_commit", [("master", "ROLLBACK")]),
+    # the worst: the master's record committed, the slave's data rolled back
+    ("after_master_prepare", [("master", "COMMIT"), ("slave", "ROLLBACK")]),
+]
+
+
+def settle_by_hand(db, verb):
+    gids = [g for (g,) in db.execute("SELECT gid FROM pg_prepared_xacts WHERE database = current_database()")]
+    assert len(gids) == 1, gids
+    db.execute(f"{verb} PREPARED %s", (gids[0],))
+
+
+def crash_in_doubt(master, slave, point):
+    create_on_both(master, slave, TABLE, ["t"])
+    master.execute("INSERT INTO t SELECT g, 'v' FROM generate_series(1, 20) g")
+    crashing = Daemon(master, slave, name="s1", fault=point).start()
+    try:
+        assert crashing.proc.wait(30) == -signal.SIGKILL, crashing.output
+    finally:
+        crashing.stop()
+
+
+@pytest.mark.parametrize("point, actions", SETTLEMENTS, ids=lambda x: str(x))
+def test_manual_settlement_converges(master, slave, point, actions):
+    crash_in_doubt(master, slave, point)
+    for side, verb in actions:
+        settle_by_hand(master if side == "master" else slave, verb)
+    master.execute("UPDATE t SET v = 'after' WHERE id <= 5")
+    with Daemon(master, slave, name="s1") as daemon:
+        wait_identical(master, slave, ["t"])
+        assert daemon.stop() == 0
+    assert prepared_count(master) == prepared_count(slave) == 0
+    assert "Traceback" not in daemon.final_output
+
+
+def test_recover_command_settles_without_replicating(master, slave):
+    crash_in_doubt(master, slave, "after_master_prepare")
+    assert prepared_count(master) == prepared_count(slave) == 1
+    master.execute("INSERT INTO t VALUES (100, 'not replicated by recover')")
+    rc, out, err = run_cli("recover", master.dsn, slave.dsn, "--name", "s1")
+    assert rc == 0, err
+    assert "slave s1: nothing in doubt; the slave and the master's record agree at batch 1" in out
+    assert prepared_count(master) == prepared_count(slave) == 0
+    assert slave.scalar("SELECT count(*) FROM t") == 20
+
+
+def test_refuses_only_when_the_events_are_gone(master, slave, slave2):
+    """The master's side committed and the slave's rolled back by hand, then the log pruned by
+    another slave's daemon: the events batch 1 carried are gone; the daemon refuses, saying why."""
+    slave2.execute(TABLE)
+    crash_in_doubt(master, slave, "after_master_prepare")
+    settle_by_hand(master, "COMMIT")
+    settle_by_hand(slave, "ROLLBACK")
+    master.execute("SELECT pyreplica.register_slave('other')")
+    master.execute("UPDATE pyreplica.replica_slaves SET confirmed = pg_current_snapshot() WHERE name = 'other'")
+    master.execute("SELECT pyreplica.prune()")
+    assert master.scalar("SELECT count(*) FROM replica_log") == 0
+    rc, out, err = run_cli("run", master.dsn, slave.dsn, "--name", "s1")
+    assert rc == 1
+    assert "slave s1 is at batch 0 but the master has it at batch 1 and has pruned events it needs" in err, err

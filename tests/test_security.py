@@ -1,0 +1,186 @@
+"""Security (issue 9, docs/design.md §3), tried as an attacker would on real clusters and real roles:
+planted objects before and after install, a daemon with the least privileges on both sides."""
+import os
+import uuid
+
+import pytest
+from psycopg2 import sql
+
+import pyreplica
+from replication import Daemon, create_on_both, run_cli, wait_identical, wait_until
+
+# Named like pyreplica's functions (old and new), with the signatures its calls would match if they
+# were not qualified and typed; each tries to make its owner superuser when run by a superuser.
+PLANTS = [("py_log_capture_sql", "oid, \"char\""), ("py_log_capture_sql", "regclass, \"char\""),
+          ("replica_confirm", "text, text, integer, integer"), ("confirm", "text, text, integer, integer"),
+          ("register_slave", "text"), ("claim_slave", "text, text, text"), ("prune", "integer"),
+          ("unapplied", "text"), ("captured_tables", ""), ("py_log_replica", "text"), ("touch", "text"),
+          ("pg_current_snapshot", "text")]
+
+
+class Attacker:
+    """A login role with CREATE on schema public (as the PG 15 database owner has, or every role
+    under the pre-15 ACL)."""
+
+    def __init__(self, db):
+        self.db = db
+        self.name = f"mallory_{uuid.uuid4().hex[:8]}"
+        db.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(self.name)))
+        db.execute(sql.SQL("GRANT CREATE, USAGE ON SCHEMA public TO {}").format(sql.Identifier(self.name)))
+
+    def run(self, statement):
+        with self.db.connect(user=self.name) as conn, conn.cursor() as cur:
+            cur.execute(statement)
+
+    def plant(self, schema="public", plants=PLANTS):
+        for name, args in plants:
+            self.run(f"""CREATE FUNCTION {schema}.{name}({args}) RETURNS text LANGUAGE plpgsql AS $$
+                         BEGIN EXECUTE 'ALTER ROLE {self.name} SUPERUSER'; RETURN 'pwned'; END $$""")
+
+    def is_superuser(self):
+        return self.db.scalar("SELECT rolsuper FROM pg_roles WHERE rolname = %s", (self.name,))
+
+    def drop(self):
+        self.db.execute(sql.SQL("DROP OWNED BY {0}; DROP ROLE {0}").format(sql.Identifier(self.name)))
+
+
+@pytest.fixture
+def attacker(bare_master):
+    a = Attacker(bare_master)
+    yield a
+    a.drop()
+
+
+def install(db, check=False):
+    return db.psql("-f", pyreplica.MASTER_INSTALL_SQL, check=check)
+
+
+def test_install_refuses_a_planted_log_or_schema_and_changes_nothing(bare_master, attacker):
+    attacker.run("CREATE TABLE public.replica_log (id bigint, sql text)")
+    result = install(bare_master)
+    assert result.returncode != 0
+    assert (f"pyreplica: refusing to install: relation public.replica_log (owner {attacker.name}) already exist(s) and "
+            f"belong(s) to a role that is not a superuser") in result.stderr
+    assert bare_master.scalar("SELECT to_regnamespace('pyreplica') IS NULL")
+    attacker.run("DROP TABLE public.replica_log")
+    bare_master.execute(sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(
+        sql.Identifier(bare_master.name), sql.Identifier(attacker.name)))
+    attacker.run("CREATE SCHEMA pyreplica")
+    result = install(bare_master)
+    assert result.returncode != 0 and f"schema pyreplica (owner {attacker.name})" in result.stderr
+    attacker.run("DROP SCHEMA pyreplica")
+    attacker.plant(plants=[("py_log_create_tg", "oid")])
+    result = install(bare_master)
+    assert result.returncode != 0 and f"function py_log_create_tg(oid) (owner {attacker.name})" in result.stderr
+
+
+def test_functions_planted_before_and_after_install_never_run_as_superuser(bare_master, slave, attacker):
+    attacker.plant()                               # before install: names of internal functions
+    assert install(bare_master).returncode == 0
+    attacker.plant(schema="public", plants=[("py_log_create_tg", "oid"), ("py_log_create_tg", "name"),
+                                            ("py_log_drop_tg", "varchar"), ("py_log_sql", "name")])
+    master = bare_master
+    create_on_both(master, slave, "CREATE TABLE t (id int PRIMARY KEY, v text)")
+    assert master.scalar("SELECT py_log_create_tg('t')") == "created trigger on t (id)"
+    master.execute("INSERT INTO t VALUES (1, 'a'), (2, 'b'); UPDATE t SET v = 'c' WHERE id = 1; DELETE FROM t WHERE id = 2")
+    with Daemon(master, slave, name="s1"):
+        wait_identical(master, slave, ["t"])
+    assert run_cli("status", master.dsn)[0] == 0
+    assert run_cli("compare", master.dsn, slave.dsn, "--name", "s1")[0] == 0
+    assert master.scalar("SELECT py_log_drop_tg('t')") == "dropped trigger on t"
+    assert not attacker.is_superuser()
+
+
+def test_a_relname_with_a_dot_never_captures_another_table(master):
+    master.execute("""CREATE SCHEMA evil; CREATE TABLE public.accounts (id int PRIMARY KEY);
+                      CREATE TABLE evil."public.accounts" (id int PRIMARY KEY)""")
+    line = master.scalar("SELECT py_log_create_tg('public.accounts')")
+    assert line.startswith("table public.accounts is ambiguous: it could be ")
+    assert 'evil."public.accounts"' in line and "accounts" in line
+    assert master.scalar("SELECT count(*) FROM pg_trigger WHERE tgname LIKE '%replica_tg%'") == 0
+    assert master.scalar("""SELECT py_log_create_tg('"public.accounts"')""") == 'created trigger on evil."public.accounts" (id)'
+
+
+def test_case_only_change_under_a_nondeterministic_collation_is_logged(master, slave):
+    ddl = """CREATE COLLATION IF NOT EXISTS ci (provider = icu, locale = 'und-u-ks-level2', deterministic = false);
+             CREATE TABLE t (id int PRIMARY KEY, name text COLLATE ci)"""
+    create_on_both(master, slave, ddl, ["t"])
+    master.execute("INSERT INTO t VALUES (1, 'abc'); UPDATE t SET name = 'ABC' WHERE id = 1")
+    assert master.scalar("SELECT sql FROM replica_log WHERE op = 'U'") == "UPDATE public.t SET name = 'ABC' WHERE id = '1'"
+
+
+LEAST_PRIVILEGE_SLAVE = """
+CREATE ROLE {role} LOGIN;
+CREATE SCHEMA pyreplica AUTHORIZATION {role};
+GRANT SET ON PARAMETER session_replication_role TO {role};
+GRANT USAGE ON SCHEMA public TO {role};
+GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON public.t TO {role};
+"""
+
+
+def test_least_privilege_daemon_replicates_and_a_check_function_cannot_run_programs(master, slave, tmp_path):
+    """The daemon as a plain login role on both sides; a slave CHECK function trying COPY TO PROGRAM
+    (what a hostile table owner could ship) fails for lack of rights, and replay stops saying so."""
+    role = f"repl_{uuid.uuid4().hex[:8]}"
+    flag = tmp_path / "pwned"
+    os.chmod(tmp_path, 0o777)
+    master.execute("CREATE FUNCTION evil(text) RETURNS boolean LANGUAGE sql AS 'SELECT true'")
+    slave.execute(f"""CREATE FUNCTION evil(v text) RETURNS boolean LANGUAGE plpgsql AS $$
+                      BEGIN IF v = 'boom' THEN COPY (SELECT 1) TO PROGRAM 'touch {flag}'; END IF; RETURN true; END $$""")
+    create_on_both(master, slave, "CREATE TABLE t (id int PRIMARY KEY, v text CHECK (evil(v)))", ["t"])
+    master.execute(sql.SQL("CREATE ROLE {} LOGIN; GRANT pyreplica_daemon TO {}").format(
+        sql.Identifier(role), sql.Identifier(role)))
+    slave.execute(sql.SQL(LEAST_PRIVILEGE_SLAVE).format(role=sql.Identifier(role)))
+
+    class As:
+        def __init__(self, db):
+            self.dsn = db.cluster.dsn(db.name, user=role)
+    try:
+        master.execute("INSERT INTO t VALUES (1, 'fine'), (2, 'also fine')")
+        with Daemon(As(master), As(slave), name="lp") as daemon:
+            wait_identical(master, slave, ["t"])
+            master.execute("INSERT INTO t VALUES (3, 'boom')")
+            daemon.wait_for_output("pg_execute_server_program")
+            assert not flag.exists()
+            slave.execute("ALTER TABLE t DROP CONSTRAINT t_v_check")
+            wait_identical(master, slave, ["t"])
+        assert not flag.exists()
+        assert master.scalar("SELECT rolsuper FROM pg_roles WHERE rolname = %s", (role,)) is False
+    finally:
+        for db in (master, slave):
+            db.execute(sql.SQL("DROP OWNED BY {0}").format(sql.Identifier(role)))
+        slave.execute("DROP SCHEMA IF EXISTS pyreplica CASCADE")
+        for db in (master, slave):
+            db.execute(sql.SQL("DROP ROLE IF EXISTS {0}").format(sql.Identifier(role)))
+
+
+def test_two_slaves_with_one_name_the_second_is_refused(master, slave, slave2):
+    create_on_both(master, slave, "CREATE TABLE t (id int PRIMARY KEY)", ["t"])
+    slave2.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    with Daemon(master, slave, name="shop"):
+        wait_until(lambda: master.scalar("SELECT count(slave_system_id) FROM pyreplica.replica_slaves"),
+                   message="the name claimed")
+    rc, out, err = run_cli("run", master.dsn, slave2.dsn, "--name", "shop")
+    assert rc == 1
+    assert (f'slave name "shop" belongs to another slave (database {slave.name} of server ' in err
+            and f"not to this one (database {slave2.name} of server" in err), err
+    master.execute("INSERT INTO t VALUES (1)")
+    with Daemon(master, slave, name="shop"):
+        wait_identical(master, slave, ["t"])
+
+
+def test_unregistered_slave_refuses_once_the_log_was_pruned(master, slave, slave2):
+    create_on_both(master, slave, "CREATE TABLE t (id int PRIMARY KEY)", ["t"])
+    slave2.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    with Daemon(master, slave, name="first", keepalive=1) as first:
+        master.execute("INSERT INTO t SELECT generate_series(1, 10)")
+        wait_identical(master, slave, ["t"])
+        wait_until(lambda: master.scalar("SELECT count(*) FROM pyreplica.log_pruned") == 1, message="a prune")
+    rc, out, err = run_cli("run", master.dsn, slave2.dsn, "--name", "late")
+    assert rc == 1 and "slave late is not registered on the master and the master's log has been pruned" in err
+    assert "pyreplica register late MASTER" in err
+    assert run_cli("register", "late", master.dsn)[0] == 0
+    master.execute("INSERT INTO t VALUES (11)")
+    slave2.execute("INSERT INTO t SELECT generate_series(1, 10)")    # the copy made by hand
+    with Daemon(master, slave2, name="late"):
+        wait_identical(master, slave2, ["t"])
