@@ -1,4 +1,5 @@
 """Connections to the master and the slave, and the errors users see when they fail."""
+import os
 import re
 
 import psycopg2
@@ -29,10 +30,33 @@ def first_line(error):
     return text.splitlines()[0] if text else repr(error)
 
 
-def connect(dsn, side, application_name="pyreplica"):
-    """Connect, or raise ConnectionLost with one line naming the side and what went wrong."""
+# Pinned when a connection is opened (startup options, before psycopg2 chooses how it quotes), so
+# that no database or role default can change how literals are read or text is encoded.
+PINNED_SETTINGS = {"standard_conforming_strings": "on"}
+
+
+def startup_options(dsn, settings=None):
+    """The libpq `options` for dsn: the user's own (from the DSN, keyword or URI form, else
+    PGOPTIONS, which libpq ignores once options are given) followed by ours, which win."""
+    existing = psycopg2.extensions.parse_dsn(dsn).get("options", os.environ.get("PGOPTIONS", ""))
+    ours = " ".join(f"-c {_escape_option(name)}={_escape_option(str(value))}"
+                    for name, value in {**(settings or {}), **PINNED_SETTINGS}.items())
+    return f"{existing} {ours}".strip()
+
+
+def _escape_option(text):
+    # libpq splits options on unescaped white space; a backslash escapes the next character
+    return re.sub(r"([\\\s])", r"\\\1", text)
+
+
+def connect(dsn, side, application_name="pyreplica", settings=None):
+    """Connect, or raise ConnectionLost with one line naming the side and what went wrong.
+
+    settings: more server settings ({name: value}) for the session, given as startup options.
+    """
     try:
-        conn = psycopg2.connect(dsn, application_name=application_name, connect_timeout=10)
+        conn = psycopg2.connect(dsn, application_name=application_name, connect_timeout=10,
+                                client_encoding="UTF8", options=startup_options(dsn, settings))
     except psycopg2.OperationalError as e:
         raise ConnectionLost(f"cannot connect to the {side} ({safe_dsn(dsn)}): {first_line(e)}", side) from e
     except psycopg2.ProgrammingError as e:  # malformed DSN
