@@ -2,6 +2,7 @@
 import os
 import re
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import psycopg2
 
@@ -11,6 +12,7 @@ from .db import ReplicaError
 # Session settings for replay. The logged literals do not depend on them (the capture pins its
 # own), but administrator's SQL and money/xml input do; replica role keeps the slave's triggers
 # and FK checks (and pyreplica's own capture trigger, in multi-master) from firing.
+# (client_encoding and standard_conforming_strings are pinned when db.connect opens the connection.)
 SLAVE_SESSION = """
 SET session_replication_role = replica;
 SET "DateStyle" = 'ISO, YMD';
@@ -20,6 +22,14 @@ SET extra_float_digits = 1;
 SET standard_conforming_strings = on;
 SET lc_monetary = 'C';
 SET xmloption = content;
+"""
+
+# slave-install.sql stamps this on pyreplica.apply_events; bump both together when the script changes.
+SLAVE_SCHEMA_VERSION = "pyreplica slave schema 2"
+APPLY_EVENTS_SIGNATURE = "pyreplica.apply_events(bigint[], text[], text[], text[], integer[])"
+SLAVE_SCHEMA_CURRENT = """
+SELECT to_regclass('pyreplica.position') IS NOT NULL
+   AND obj_description(to_regprocedure(%s), 'pg_proc') IS NOT DISTINCT FROM %s
 """
 
 READ_POSITION = "SELECT snapshot::text, batch_id FROM pyreplica.position WHERE slave = %s"
@@ -32,13 +42,29 @@ ON CONFLICT (slave) DO UPDATE
        applied = p.applied + EXCLUDED.applied, updated_at = now()
 """
 
-APPLY_EVENTS = "SELECT pyreplica.apply_events(%s::bigint[], %s::text[], %s::text[], %s::text[], %s::int[])"
+# Returns one row: all NULL when every statement succeeded, else the failing statement's index
+# (1-based) and PostgreSQL's SQLSTATE, message, DETAIL and HINT; the chunk's work is then undone.
+APPLY_EVENTS = ("SELECT failed, code, message, detail, hint "
+                "FROM pyreplica.apply_events(%s::bigint[], %s::text[], %s::text[], %s::text[], %s::int[])")
+
+# The SQLSTATE slave-install.sql's apply_events raises when a statement touched another number of
+# rows than the events it stands for (see "USING ERRCODE = 'PR001'" there).
+ROW_COUNT_CONFLICT = "PR001"
+
+PRIMARY_KEY = """
+SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY k.ord)
+  FROM pg_index i
+ CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+  JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+ WHERE i.indrelid = to_regclass(%s) AND i.indisprimary
+"""
 
 # The head of an INSERT as the capture writes it: INSERT INTO "s"."t" (cols) [OVERRIDING ...] VALUES (
 _IDENT = r'(?:"(?:[^"]|"")*"|[a-z_][a-z0-9_$]*)'
 INSERT_HEAD = re.compile(rf"INSERT INTO {_IDENT}\.{_IDENT} \({_IDENT}(?:, {_IDENT})*\)"
                          rf"(?: OVERRIDING SYSTEM VALUE)? VALUES (?=\()")
 MERGE_MAX_BYTES = 1 << 20
+UPDATE_RUN_MAX = 1000
 
 # An UPDATE as the capture writes it: UPDATE s.t SET c = 'v', ... WHERE k = 'v' AND ...
 # Literals are quote_literal's ('..'  with '' inside, E'..' with '' and \\ inside) or NULL; a quote
@@ -48,26 +74,58 @@ _ASSIGN = rf"{_IDENT} = {_LITERAL}"
 UPDATE_STMT = re.compile(rf"UPDATE ({_IDENT}\.{_IDENT}) SET ((?:{_ASSIGN}, )*{_ASSIGN}) "
                          rf"WHERE ((?:{_ASSIGN} AND )*{_ASSIGN})", re.S)
 ASSIGNMENT = re.compile(rf"({_IDENT}) = ({_LITERAL})", re.S)
+
+# The type each column's literals are cast to in the UPDATE fast path: the column's type WITHOUT its
+# modifier, spelled so that it parses back as exactly that (format_type with typmod -1 writes
+# `bpchar`, `"bit"`, `bpchar[]`, where the bare name `character` would mean char(1) and cut values).
+# The modifier is then applied as the single UPDATE applies it: the SET's assignment to the column
+# (char(n) padded, numeric(p,s) rounded, a too long value an error, never a silent cut), and the
+# key compared as the single UPDATE's untyped literal is.
 COLUMN_TYPES = """
-SELECT quote_ident(attname), atttypid::regtype::text FROM pg_attribute
+SELECT quote_ident(attname), format_type(atttypid, -1) FROM pg_attribute
  WHERE attrelid = to_regclass(%s) AND attnum > 0 AND NOT attisdropped
 """
+
+VERBS = {"I": "INSERT", "U": "UPDATE", "D": "DELETE", "T": "TRUNCATE"}
+# A DETAIL that quotes a whole row (CHECK, NOT NULL, partition routing): shown from DEBUG_LEVEL 2 only.
+ROW_DETAIL = re.compile(r"failing row contains", re.I)
+
+
+class Statement(NamedTuple):
+    """One statement to run on the slave, standing for one or more consecutive events."""
+    first_event: int    # id of the first event it stands for
+    op: str             # I, U, D, T or S (an administrator's statement)
+    relname: str        # the table, quoted and qualified (for a TRUNCATE: every table, comma separated)
+    sql: str
+    rows: int           # rows an I/U/D must touch exactly; events a TRUNCATE stands for
+
+    @property
+    def merged(self):
+        """Several INSERTs/UPDATEs made one for speed: a failure is retried one event at a time."""
+        return self.rows > 1 and self.op in ("I", "U")
 
 
 class ApplyError(ReplicaError):
     """A statement failed on the slave (conflict, constraint, missing table): replay stops there."""
 
-    def __init__(self, message, event=None, conflict=False):
+    def __init__(self, message, event=None, conflict=False, code=None, detail=None, hint=None):
         super().__init__(message, "slave")
         self.event = event
         self.conflict = conflict
-        self.merged = False     # the failing statement stood for several events
+        self.merged = False     # the failing statement stood for several merged events
+        self.code, self.detail, self.hint = code, detail, hint
 
 
 def install(slave_conn):
-    """Create the slave's `pyreplica` schema if needed (autocommit connection)."""
-    with open(os.path.join(SQL_DIR, "slave-install.sql")) as f, slave_conn.cursor() as cur:
-        cur.execute(f.read())
+    """Create or upgrade the slave's `pyreplica` schema when it is missing or outdated (autocommit
+    connection). When it is current nothing is executed, so a role without CREATE works once an
+    administrator (or an earlier run) has installed it."""
+    with slave_conn.cursor() as cur:
+        cur.execute(SLAVE_SCHEMA_CURRENT, (APPLY_EVENTS_SIGNATURE, SLAVE_SCHEMA_VERSION))
+        if cur.fetchone()[0]:
+            return
+        with open(os.path.join(SQL_DIR, "slave-install.sql")) as f:
+            cur.execute(f.read())
 
 
 def read_position(slave_conn, slave):
@@ -86,38 +144,68 @@ def start_session(slave_cur):
             "GRANT SET ON PARAMETER session_replication_role TO <role> (PostgreSQL 15+)", "slave") from e
 
 
-def merge_inserts(events):
-    """Statements to run for events: consecutive INSERTs into one table become one multi-row INSERT.
+# -- planning -----------------------------------------------------------------------------------
+def one_statement(event):
+    return Statement(event.id, event.op, event.relname, event.sql, 1)
 
-    Returns (first event id, op, relname, sql, rows expected) tuples. The row count check stays
-    exact (k rows for k events); only the event an error is pinned on gets coarser, which is why
-    a failed merged statement is retried unmerged (precise=True) to name the very event.
+
+def merge_truncates(events):
+    """Consecutive TRUNCATE events of one transaction become one `TRUNCATE a, b, c` (never CASCADE).
+
+    The master logs one event per table a TRUNCATE emptied (those it named and those it cascaded
+    to); truncated together, FK-linked tables replay, and a slave-only table referencing one of
+    them makes the TRUNCATE fail (replay stops) instead of being emptied. Always done, also
+    precise: it is what the master did, not a speed-up.
     """
-    statements = []     # [first id, op, relname, [sql parts], rows, bytes]
+    statements = []
+    for event in events:
+        last = statements[-1] if statements else None
+        if event.op == "T" and last is not None and last[0] == "T" and last[1] == event.txid:
+            last[2].append(event)
+        else:
+            statements.append([event.op, event.txid, [event]])
+    planned = []
+    for op, _, group in statements:
+        if op != "T":
+            planned.append(one_statement(group[0]))
+            continue
+        tables = ", ".join(dict.fromkeys(e.relname for e in group))
+        planned.append(Statement(group[0].id, "T", tables, f"TRUNCATE {tables}", len(group)))
+    return planned
+
+
+def merge_inserts(statements):
+    """Consecutive INSERTs into one table become one multi-row INSERT.
+
+    The row count check stays exact
+    (k rows for k events); only the event an error is pinned on gets coarser, which is why a failed
+    merged statement is retried unmerged (precise=True) to name the very event.
+    """
+    merged = []         # [first id, op, relname, [sql parts], rows, bytes]
     heads = {}          # relname -> its INSERT head, checked with startswith (cheaper than the regex)
     previous_head = None
-    for event in events:
+    for first, op, relname, text, rows in statements:
         head = None
-        if event.op == "I":
-            head = heads.get(event.relname)
-            if head is None or not event.sql.startswith(head):
-                match = INSERT_HEAD.match(event.sql)
-                head = heads[event.relname] = match.group() if match else None
-        last = statements[-1] if statements else None
-        if head and head == previous_head and last[2] == event.relname and last[5] < MERGE_MAX_BYTES:
-            values = event.sql[len(head):]
+        if op == "I" and rows == 1:
+            head = heads.get(relname)
+            if head is None or not text.startswith(head):
+                match = INSERT_HEAD.match(text)
+                head = heads[relname] = match.group() if match else None
+        last = merged[-1] if merged else None
+        if head and head == previous_head and last[2] == relname and last[5] < MERGE_MAX_BYTES:
+            values = text[len(head):]
             last[3].append(values)
             last[4] += 1
             last[5] += len(values)
             continue
         previous_head = head
-        statements.append([event.id, event.op, event.relname, [event.sql], 1, len(event.sql)])
-    return [(first, op, rel, ", ".join(parts), rows) for first, op, rel, parts, rows, _ in statements]
+        merged.append([first, op, relname, [text], rows, len(text)])
+    return [Statement(first, op, rel, ", ".join(parts), rows) for first, op, rel, parts, rows, _ in merged]
 
 
-def parse_update(sql):
+def parse_update(text):
     """(table, ((column, literal), ...) set, ((key column, literal), ...) where) or None."""
-    match = UPDATE_STMT.fullmatch(sql)
+    match = UPDATE_STMT.fullmatch(text)
     if match is None:
         return None
     return match.group(1), tuple(ASSIGNMENT.findall(match.group(2))), tuple(ASSIGNMENT.findall(match.group(3)))
@@ -126,7 +214,7 @@ def parse_update(sql):
 @dataclass
 class UpdateRun:
     """Consecutive single-row UPDATEs that can be replayed as one statement."""
-    statement: tuple            # the first one, as it came
+    statement: Statement        # the first one, as it came
     table: str
     set_columns: tuple
     key_columns: tuple
@@ -134,37 +222,43 @@ class UpdateRun:
     keys: set = field(default_factory=set)
 
     def takes(self, relname, set_columns, key_columns, key_values):
-        return (self.statement[2] == relname and self.set_columns == set_columns
-                and self.key_columns == key_columns and key_values not in self.keys and len(self.rows) < 1000)
+        return (self.statement.relname == relname and self.set_columns == set_columns
+                and self.key_columns == key_columns and key_values not in self.keys
+                and len(self.rows) < UPDATE_RUN_MAX)
 
     def add(self, key_values, values):
         self.rows.append(key_values + values)
         self.keys.add(key_values)
 
     def sql(self, types):
-        """UPDATE t SET c = v.p1::type ... FROM (VALUES ...) v WHERE t.k = v.p0::type ...
+        """WITH u AS (UPDATE t SET c = v.p1::type ... FROM (VALUES (1, ...), ...) v
+                      WHERE t.k = v.p0::type ... RETURNING v.n)
+           SELECT n FROM u GROUP BY n HAVING count(*) = 1
 
-        Every piece is already quoted by PostgreSQL: the table and literals by the master's capture
-        (format %I / %L), the columns by quote_ident and the types by regtype on the slave.
+        Returns one row per UPDATE that touched exactly one row, so the row count equals the
+        number of UPDATEs only when each of them matched exactly one row, as each alone must
+        (a plain count would let a key matching two rows on the slave hide one matching none).
+        Every piece is already quoted by PostgreSQL: the table and literals by the master's
+        capture (format %I / %L), the columns by quote_ident and the types by format_type.
         """
         keys = len(self.key_columns)
-        names = ", ".join(f"p{i}" for i in range(keys + len(self.set_columns)))
-        values = ", ".join(f"({', '.join(row)})" for row in self.rows)
+        names = ", ".join(["n"] + [f"p{i}" for i in range(keys + len(self.set_columns))])
+        values = ", ".join(f"({n}, {', '.join(row)})" for n, row in enumerate(self.rows, 1))
         assignments = ", ".join(f"{column} = pyreplica_v.p{keys + i}::{types[column]}"
                                 for i, column in enumerate(self.set_columns))
         match = " AND ".join(f"pyreplica_t.{column} = pyreplica_v.p{i}::{types[column]}"
                              for i, column in enumerate(self.key_columns))
-        return (f"UPDATE {self.table} AS pyreplica_t SET {assignments} "
-                f"FROM (VALUES {values}) AS pyreplica_v({names}) WHERE {match}")
+        return (f"WITH pyreplica_u AS (UPDATE {self.table} AS pyreplica_t SET {assignments} "
+                f"FROM (VALUES {values}) AS pyreplica_v({names}) WHERE {match} RETURNING pyreplica_v.n) "
+                f"SELECT n FROM pyreplica_u GROUP BY n HAVING count(*) = 1")
 
 
 def merge_updates(statements, column_types):
     """Consecutive single-row UPDATEs of one table setting the same columns, keyed on distinct rows
     and not changing the key, become one UPDATE ... FROM (VALUES ...): parsed and planned once.
 
-    column_types(relname) gives {quoted column: type} on the slave. The VALUES hold the very
-    literals of the log, cast to the column's type (its input function, as the single UPDATE's
-    untyped literal was); the statement must touch exactly as many rows as it stands for.
+    column_types(relname) gives {quoted column: type} on the slave (None for a missing table).
+    Rows on distinct keys are independent, so their order within the run does not matter.
     """
     merged, run = [], None
 
@@ -175,16 +269,16 @@ def merge_updates(statements, column_types):
             merged.append(run.statement)
         else:
             first, _, relname, _, _ = run.statement
-            merged.append((first, "U", relname, run.sql(column_types(relname)), len(run.rows)))
+            merged.append(Statement(first, "U", relname, run.sql(column_types(relname)), len(run.rows)))
 
     for i, statement in enumerate(statements):
-        _, op, relname, sql, rows = statement
+        _, op, relname, text, rows = statement
         # parse only what could join a run: a lone UPDATE between other events costs nothing extra
         following = statements[i + 1] if i + 1 < len(statements) else None
         candidate = op == "U" and rows == 1 and (
-            (run is not None and run.statement[2] == relname)
-            or (following is not None and following[1] == "U" and following[2] == relname))
-        parsed = parse_update(sql) if candidate else None
+            (run is not None and run.statement.relname == relname)
+            or (following is not None and following.op == "U" and following.relname == relname))
+        parsed = parse_update(text) if candidate else None
         if parsed is None:
             close(run)
             run = None
@@ -209,8 +303,17 @@ def merge_updates(statements, column_types):
     return merged
 
 
+def plan(events, column_types, precise=False):
+    """The statements that replay events, in order. TRUNCATEs of one transaction are always one
+    statement; unless precise, INSERTs and UPDATEs are merged for speed."""
+    statements = merge_truncates(events)
+    if precise:
+        return statements
+    return merge_updates(merge_inserts(statements), column_types)
+
+
 def slave_column_types(slave_cur):
-    """relname -> {quoted column: type name} on the slave, looked up once per chunk and table."""
+    """relname -> {quoted column: type} on the slave, looked up once per chunk and table."""
     cache = {}
 
     def types(relname):
@@ -221,34 +324,50 @@ def slave_column_types(slave_cur):
     return types
 
 
-def apply_chunk(slave_cur, events, precise=False):
-    """Apply events in one round trip; raise ApplyError naming the failing event."""
-    if precise:
-        statements = [(e.id, e.op, e.relname, e.sql, 1) for e in events]
-    else:
-        statements = merge_updates(merge_inserts(events), slave_column_types(slave_cur))
+# -- applying -----------------------------------------------------------------------------------
+def apply_chunk(slave_cur, events, precise=False, debug_level=0):
+    """Apply events in one round trip; raise ApplyError naming the failing event.
+
+    A failure leaves the slave's transaction usable, the chunk's work undone (apply_events'
+    savepoint). A merged statement that fails is retried here one event at a time, so the error
+    names the very event. debug_level >= 2 lets a DETAIL quoting a whole row into the message.
+    """
+    statements = plan(events, slave_column_types(slave_cur), precise)
     try:
         slave_cur.execute(APPLY_EVENTS, [list(column) for column in zip(*statements)])
     except psycopg2.DatabaseError as e:
         if not e.pgcode or e.pgcode.startswith(("08", "57P")):
             raise       # the connection, not the statement: the caller retries
-        # PR001: a row count other than expected; class 23: a constraint the slave's data violates
-        error = _apply_error(e, events, conflict=e.pgcode == "PR001" or e.pgcode.startswith("23"))
-        error.merged = error.event is not None and any(
-            first == error.event.id and rows > 1 for first, _, _, _, rows in statements)
-        raise error from e
+        # what apply_events cannot catch (a cancel, a statement timeout): the batch is retried
+        raise ApplyError(f"error applying events {events[0].id}..{events[-1].id}: "
+                         f"{(e.diag.message_primary or str(e)).strip()}", code=e.pgcode) from e
+    failed, code, message, detail, hint = slave_cur.fetchone()
+    if failed is None:
+        return
+    statement = statements[failed - 1]
+    if statement.merged:
+        return apply_chunk(slave_cur, events, True, debug_level)
+    raise _apply_error(slave_cur, statement, events, code, message, detail, hint, debug_level)
 
 
-def _apply_error(error, events, conflict):
-    message = (error.diag.message_primary or str(error)).strip()
-    failing = None
-    for event in events:
-        if f"event {event.id} " in message:
-            failing = event
-            break
-    if failing is None and not message.startswith(("conflict at event", "error at event")):
-        message = f"error applying events {events[0].id}..{events[-1].id}: {message}"
-    return ApplyError(message, failing, conflict)
+def _apply_error(slave_cur, statement, events, code, message, detail, hint, debug_level):
+    """The one place an ApplyError is worded: event, verb and table, then PostgreSQL's words."""
+    event = next(e for e in events if e.id == statement.first_event)
+    # class 23: a constraint the slave's data violates
+    conflict = code == ROW_COUNT_CONFLICT or code.startswith("23")
+    what = "conflict" if code == ROW_COUNT_CONFLICT else "error"
+    text = f"{what} at event {event.id} ({VERBS.get(statement.op, 'SQL')} on {statement.relname or '-'}): {message}"
+    if conflict and statement.op in ("I", "U", "D"):
+        slave_cur.execute(PRIMARY_KEY, (statement.relname,))
+        key = slave_cur.fetchone()[0]
+        text += f" (primary key: {key})" if key else " (the slave's table has no primary key)"
+    if detail and (debug_level >= 2 or not ROW_DETAIL.search(detail)):
+        text += f"\n  DETAIL: {detail}"
+    if hint:
+        text += f"\n  HINT: {hint}"
+    error = ApplyError(text, event, conflict, code, detail, hint)
+    error.merged = statement.merged
+    return error
 
 
 def write_position(slave_cur, batch):

@@ -61,7 +61,7 @@ class Batch:
             return None
         return batch
 
-    def apply(self, sides, pipeline, settings, precise=False, stopping=lambda: False, progress=lambda b: None):
+    def apply(self, sides, pipeline, settings, stopping=lambda: False, progress=lambda b: None):
         """Replay the batch's events into the slave's open transaction, and its new position."""
         try:
             sides.slave.tpc_begin(self.gid("slave"))
@@ -77,7 +77,7 @@ class Batch:
                             for event in chunk:
                                 log.get().debug("Executing: %s", event.sql)
                         if chunk:
-                            apply.apply_chunk(cur, chunk, precise)
+                            apply.apply_chunk(cur, chunk, debug_level=settings.DEBUG_LEVEL)
                             self.applied += len(chunk)
                             progress(self)
                 apply.write_position(cur, self)

@@ -34,6 +34,7 @@ SET "DateStyle" = 'ISO, YMD';
 SET "IntervalStyle" = 'postgres';
 SET extra_float_digits = 1;
 SET bytea_output = 'hex';
+SET lc_monetary = 'C';
 """
 
 SLAVE_COLUMNS = """
@@ -59,20 +60,24 @@ class Table:
     def row_text(self, columns):
         return sql.SQL("ROW({})::text").format(sql.SQL(", ").join(map(sql.Identifier, columns)))
 
+    def row_hash(self, columns):
+        # md5 of the UTF-8 bytes: md5(text) hashes the database's encoding, which may differ per side
+        return sql.SQL("md5(convert_to({}, 'UTF8'))").format(self.row_text(columns))
+
     def hash_query(self):
         # count and sum of the rows' md5s as two 64-bit halves (numeric: no overflow), folded into one md5
         return sql.SQL("""
             SELECT count(*),
                    md5(count(*) || ':' || coalesce(sum(('x' || left(h, 16))::bit(64)::bigint::numeric), 0)
                                 || ':' || coalesce(sum(('x' || right(h, 16))::bit(64)::bigint::numeric), 0))
-              FROM (SELECT md5({row}) AS h FROM {table} t) s""").format(
-            row=self.row_text(self.columns), table=self.ident)
+              FROM (SELECT {row} AS h FROM {table} t) s""").format(
+            row=self.row_hash(self.columns), table=self.ident)
 
     def rows_query(self):
         # C collation: the same order on both sides, and Python's str order (code points)
         key = self.row_text(self.pk)
-        return sql.SQL('SELECT {key}, md5({row}) FROM {table} t ORDER BY {key} COLLATE "C"').format(
-            key=key, row=self.row_text(self.columns), table=self.ident)
+        return sql.SQL('SELECT {key}, {row} FROM {table} t ORDER BY {key} COLLATE "C"').format(
+            key=key, row=self.row_hash(self.columns), table=self.ident)
 
 
 def replicated_tables(conn, patterns):

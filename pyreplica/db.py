@@ -1,4 +1,5 @@
 """Connections to the master and the slave, and the errors users see when they fail."""
+import os
 import re
 
 import psycopg2
@@ -26,30 +27,34 @@ def first_line(error):
     return text.splitlines()[0] if text else repr(error)
 
 
-# Pinned on every connection as it opens (libpq options, not a later SET): psycopg2 chooses its
-# quoting from standard_conforming_strings when it connects, and a database default of LATIN1 or
-# standard_conforming_strings = off must not change what a replayed literal means.
-PINNED = {"client_encoding": "UTF8", "standard_conforming_strings": "on"}
+# Pinned when a connection is opened (startup options, before psycopg2 chooses how it quotes), so
+# that no database or role default can change how literals are read or text is encoded.
+PINNED_SETTINGS = {"standard_conforming_strings": "on"}
 
 
-def _options(dsn, settings):
-    """The DSN's own `options` followed by ours, as one libpq options string."""
-    try:
-        own = psycopg2.extensions.parse_dsn(dsn).get("options", "")
-    except psycopg2.ProgrammingError:
-        own = ""
-    ours = " ".join(f"-c {name}={str(value).replace(' ', chr(92) + ' ')}" for name, value in settings.items())
-    return f"{own} {ours}".strip()
+def startup_options(dsn, settings=None):
+    """The libpq `options` for dsn: the user's own (from the DSN, keyword or URI form, else
+    PGOPTIONS, which libpq ignores once options are given) followed by ours, which win."""
+    existing = psycopg2.extensions.parse_dsn(dsn).get("options", os.environ.get("PGOPTIONS", ""))
+    ours = " ".join(f"-c {_escape_option(name)}={_escape_option(str(value))}"
+                    for name, value in {**(settings or {}), **PINNED_SETTINGS}.items())
+    return f"{existing} {ours}".strip()
+
+
+def _escape_option(text):
+    # libpq splits options on unescaped white space; a backslash escapes the next character
+    return re.sub(r"([\\\s])", r"\\\1", text)
 
 
 def connect(dsn, side, application_name="pyreplica", settings=None, **params):
     """Connect, or raise ConnectionLost with one line naming the side and what went wrong.
 
-    settings: server parameters set for the session as it opens; params: libpq parameters."""
-    options = _options(dsn, dict(PINNED, **(settings or {})))
+    settings: more server settings ({name: value}) for the session, given as startup options;
+    params: more libpq parameters (keepalives, tcp_user_timeout).
+    """
     try:
         conn = psycopg2.connect(dsn, application_name=application_name, connect_timeout=10,
-                                options=options, **params)
+                                client_encoding="UTF8", options=startup_options(dsn, settings), **params)
     except psycopg2.OperationalError as e:
         raise ConnectionLost(f"cannot connect to the {side} ({safe_dsn(dsn)}): {first_line(e)}", side) from e
     except psycopg2.ProgrammingError as e:  # malformed DSN

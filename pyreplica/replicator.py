@@ -127,20 +127,11 @@ class Replicator:
     # -- one batch ------------------------------------------------------------------------------
     def replay_next_batch(self):
         """Replay what the master committed since the last batch. Returns the Batch, or None."""
-        try:
-            return self._replay(precise=False)
-        except apply.ApplyError as e:
-            if not e.merged:
-                raise
-        # a merged statement failed: replay the batch statement by statement to name the very event
-        return self._replay(precise=True)
-
-    def _replay(self, precise):
         sides = self.sides
         batch = Batch.begin(sides, sides.position)
         if batch is None:
             return None
-        batch.apply(sides, self.pipeline, self.config, precise, stopping=lambda: self.stop_requested,
+        batch.apply(sides, self.pipeline, self.config, stopping=lambda: self.stop_requested,
                     progress=self.show_progress)
         batch.finish(sides)
         if batch.applied and sides.cascading:

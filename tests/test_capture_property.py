@@ -8,6 +8,7 @@ standard_conforming_strings = off, and compares the two tables row by row.
 
 The two databases are made once per module; each example drops and recreates its own schema.
 """
+import contextlib
 import datetime
 import decimal
 import ipaddress
@@ -20,6 +21,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from psycopg2 import sql
 
 from conftest import fresh_db
+from pyreplica import apply, db
+from pyreplica.batch import Event
 
 # -- session settings ---------------------------------------------------------------------------
 TIMEZONES = ["UTC", "America/New_York", "Asia/Kolkata", "Pacific/Chatham", "Australia/Lord_Howe",
@@ -186,6 +189,8 @@ COL_TYPES = [
                                                                                blacklist_characters="\x00"),
                                                        max_size=12)),
     ColType("char", builtin("char(5)"), st.text(alphabet="ab c'\\é", max_size=5), pk=True),
+    ColType("char[]", builtin("char(3)[]"), array_text(st.text(alphabet="ab c'\\é", max_size=3), quote_elem)),
+    ColType("bit", builtin("bit(5)"), st.text(alphabet="01", min_size=5, max_size=5), pk=True),
     ColType("bytea", builtin("bytea"), st.binary(max_size=20)),
     ColType("bool", builtin("boolean"), st.sampled_from(["true", "false"])),
     ColType("date", builtin("date"),
@@ -370,6 +375,9 @@ def dbs(master_cluster, slave_cluster):
     master = fresh_db(master_cluster, "prop_m")
     master.install_master()
     replay = fresh_db(slave_cluster, "prop_s")
+    with contextlib.closing(db.connect(replay.dsn, "slave")) as conn:
+        conn.autocommit = True
+        apply.install(conn)
     yield master, replay
     master_cluster.dropdb(master.name)
     slave_cluster.dropdb(replay.name)
@@ -377,7 +385,7 @@ def dbs(master_cluster, slave_cluster):
 
 def reset(conn, schema, statements):
     with conn.cursor() as cur:
-        cur.execute("SELECT nspname FROM pg_namespace WHERE nspname !~ '^(pg_|information_schema$|public$)'")
+        cur.execute("SELECT nspname FROM pg_namespace WHERE nspname !~ '^(pg_|information_schema$|public$|pyreplica$)'")
         for (old,) in cur.fetchall():
             cur.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(old)))
         for stmt in statements:
@@ -394,6 +402,19 @@ def table_text(conn, target):
 def log_count(cur):
     cur.execute("SELECT count(*) FROM public.replica_log")
     return cur.fetchone()[0]
+
+
+def replay_through_apply(replay, replay_settings, events, target, precise):
+    """The table after apply.apply_chunk replays the events on the daemon's kind of connection
+    (rolled back afterwards, so the raw replay below starts from the same empty table)."""
+    with contextlib.closing(db.connect(replay.dsn, "slave")) as conn, conn.cursor() as cur:
+        apply.start_session(cur)
+        apply_settings(cur, replay_settings)
+        if events:
+            apply.apply_chunk(cur, events, precise=precise)
+        rows = table_text(conn, target)
+        conn.rollback()
+        return rows
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
@@ -445,11 +466,17 @@ def test_replayed_log_rebuilds_the_table(dbs, data):
         mconn.autocommit = True
 
         with mconn.cursor() as cur:
-            cur.execute("SELECT sql, relname, op FROM public.replica_log ORDER BY id")
-            log = cur.fetchall()
+            cur.execute("SELECT id, txid::text, relname, op::text, sql, username::text FROM public.replica_log ORDER BY id")
+            events = [Event(*row) for row in cur.fetchall()]
+            log = [(e.sql, e.relname, e.op) for e in events]
             cur.execute("SELECT format('%%I.%%I', %s::text, %s::text)", (schema, table))
             relname = cur.fetchone()[0]
         assert {(r, op in "IUDT") for _, r, op in log} <= {(relname, True)}
+
+        expected = table_text(mconn, target)
+        # The daemon's own apply path: its connection, session and planner, merged and precise.
+        for precise in (False, True):
+            assert replay_through_apply(replay, replay_settings, events, target, precise) == expected, precise
 
         # Replay under different settings, with standard_conforming_strings off.
         rconn.autocommit = False
@@ -462,7 +489,7 @@ def test_replayed_log_rebuilds_the_table(dbs, data):
         rconn.commit()
         rconn.autocommit = True
 
-        assert table_text(rconn, target) == table_text(mconn, target)
+        assert table_text(rconn, target) == expected
     finally:
         mconn.close()
         rconn.close()

@@ -5,6 +5,9 @@ import json
 import threading
 import time
 
+import psycopg2
+import pytest
+
 from pyreplica import progress
 from pyreplica.cluster import free_port
 from replication import Daemon, create_on_both, run_cli, wait_identical, wait_until
@@ -203,3 +206,41 @@ def test_status_name_narrows_to_one_slave(master, slave):
     assert [s["name"] for s in status_json(master.dsn, "--name", "s1")["slaves"]] == ["s1"]
     code, out, err = run_cli("status", master.dsn, "--name", "nobody")
     assert (code, err.strip()) == (1, "pyreplica: no slave named nobody is registered on the master")
+
+
+# -- compare across lc_monetary and database encodings --------------------------------------------
+
+def test_compare_identical_when_the_servers_lc_monetary_differ(master, slave):
+    try:
+        slave.execute("SET lc_monetary = 'de_DE.UTF-8'")
+    except psycopg2.Error:
+        pytest.skip("the de_DE.UTF-8 locale is not installed (localedef -i de_DE -f UTF-8 de_DE.UTF-8)")
+    create_on_both(master, slave, "CREATE TABLE cash (id int PRIMARY KEY, m money)", ["cash"])
+    master.execute("INSERT INTO cash SELECT g, g * 1234.56 FROM generate_series(1, 20) g")
+    with Daemon(master, slave, name="s1") as daemon:
+        wait_identical(master, slave, ["cash"])
+        assert daemon.stop() == 0
+    slave.execute(f"ALTER DATABASE {slave.name} SET lc_monetary = 'de_DE.UTF-8'")
+    assert slave.scalar("SELECT 1234.56::money::text") != master.scalar("SELECT 1234.56::money::text")
+    code, report, err = compare_json(master, slave)
+    assert code == 0 and report["identical"] is True, (err, report)
+
+
+def test_compare_identical_between_a_latin1_master_and_a_utf8_slave(master_cluster, slave):
+    name = f"latin1_{slave.name}"
+    master_cluster.psql("postgres", "-c", f"CREATE DATABASE {name} ENCODING 'LATIN1' TEMPLATE template0 LOCALE 'C'")
+    from conftest import Database
+    master = Database(master_cluster, name)
+    try:
+        master.install_master()
+        create_on_both(master, slave, "CREATE TABLE t (id int PRIMARY KEY, v text)", ["t"])
+        master.execute("INSERT INTO t VALUES (1, 'café'), (2, 'Straße ÿ'), (3, 'plain')")
+        with Daemon(master, slave, name="s1") as daemon:
+            # (not wait_identical: its md5 of the rows' text differs between the two encodings)
+            wait_until(lambda: slave.scalar("SELECT count(*) FROM t") == 3, message="3 rows on the slave")
+            assert daemon.stop() == 0
+        assert slave.execute("SELECT v FROM t ORDER BY id") == [("café",), ("Straße ÿ",), ("plain",)]
+        code, report, err = compare_json(master, slave)
+        assert code == 0 and report["identical"] is True, (err, report)
+    finally:
+        master_cluster.dropdb(name)

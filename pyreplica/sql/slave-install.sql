@@ -1,7 +1,15 @@
 -- pyreplica: slave side, created by the daemon on its first start (idempotent).
 -- The position lives here, and is updated in the same transaction as the changes it covers.
 
-CREATE SCHEMA IF NOT EXISTS pyreplica;
+-- Not CREATE SCHEMA IF NOT EXISTS: that checks CREATE on the database even when the schema exists,
+-- and a least-privilege daemon role owns a schema an administrator created for it.
+DO $$
+BEGIN
+    IF to_regnamespace('pyreplica') IS NULL THEN
+        CREATE SCHEMA pyreplica;
+    END IF;
+END
+$$;
 
 CREATE TABLE IF NOT EXISTS pyreplica.position (
     slave      text        PRIMARY KEY,      -- this slave's name on the master
@@ -12,11 +20,16 @@ CREATE TABLE IF NOT EXISTS pyreplica.position (
 );
 
 -- Apply a chunk of statements in one round trip, checking each: an INSERT, UPDATE or DELETE must
--- touch exactly rows[i] rows (1 for one event; k for k consecutive INSERTs merged into one
--- multi-row INSERT), else it is a conflict. Any error names the (first) event of the statement.
+-- touch exactly rows[i] rows (1 for one event; k for k merged events), else it is a conflict,
+-- SQLSTATE PR001 (apply.py's ROW_COUNT_CONFLICT). A failure is returned as data, not raised: the
+-- index of the failing statement with PostgreSQL's SQLSTATE, message, DETAIL and HINT; the block's
+-- savepoint has undone the chunk's work and the caller's transaction is still usable. All NULL
+-- when every statement succeeded.
 DROP FUNCTION IF EXISTS pyreplica.apply_events(bigint[], text[], text[], text[]);
-CREATE OR REPLACE FUNCTION pyreplica.apply_events(ids bigint[], ops text[], rels text[], stmts text[], rows int[])
-RETURNS int
+DROP FUNCTION IF EXISTS pyreplica.apply_events(bigint[], text[], text[], text[], int[]);
+CREATE FUNCTION pyreplica.apply_events(ids bigint[], ops text[], rels text[], stmts text[], rows int[],
+                                       OUT failed int, OUT code text, OUT message text,
+                                       OUT detail text, OUT hint text)
 LANGUAGE plpgsql
 AS $fn$
 DECLARE
@@ -32,22 +45,22 @@ BEGIN
             GET DIAGNOSTICS n = ROW_COUNT;
             IF n <> rows[i] THEN
                 verb := CASE ops[i] WHEN 'I' THEN 'INSERT' WHEN 'U' THEN 'UPDATE' ELSE 'DELETE' END;
-                RAISE EXCEPTION 'conflict at event % (% on %): the % matched % rows on the slave, expected %',
-                                ids[i], verb, rels[i], verb, n, rows[i]
+                RAISE EXCEPTION 'the % matched % rows on the slave, expected %', verb, n, rows[i]
                       USING ERRCODE = 'PR001', HINT = 'Make the row on the slave match the master''s, then replay resumes.';
             END IF;
         END IF;
     END LOOP;
-    RETURN coalesce(array_length(ids, 1), 0);
 EXCEPTION
-    WHEN SQLSTATE 'PR001' THEN
-        RAISE;
     WHEN OTHERS THEN
-        -- i still holds the failing event's index: name it, keep PostgreSQL's message and code.
-        RAISE EXCEPTION 'error at event % (% on %): %', ids[i],
-                        CASE ops[i] WHEN 'I' THEN 'INSERT' WHEN 'U' THEN 'UPDATE' WHEN 'D' THEN 'DELETE'
-                                    WHEN 'T' THEN 'TRUNCATE' ELSE 'SQL' END,
-                        coalesce(rels[i], '-'), SQLERRM
-              USING ERRCODE = SQLSTATE;
+        -- i still holds the failing statement's index
+        failed := i;
+        GET STACKED DIAGNOSTICS code = RETURNED_SQLSTATE, message = MESSAGE_TEXT,
+                                detail = PG_EXCEPTION_DETAIL, hint = PG_EXCEPTION_HINT;
+        detail := nullif(detail, '');
+        hint := nullif(hint, '');
 END
 $fn$;
+
+-- apply.install() runs this script only when this marker (apply.py's SLAVE_SCHEMA_VERSION) is
+-- missing: a role without CREATE can replicate once the schema is current.
+COMMENT ON FUNCTION pyreplica.apply_events(bigint[], text[], text[], text[], int[]) IS 'pyreplica slave schema 2';
