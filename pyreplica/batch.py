@@ -122,7 +122,8 @@ def stream_events(master_conn, batch, skip_user=None, max_events=5000, max_bytes
             event = Event(*row)
             chunk.append(event)
             size += len(event.sql)
-            if len(chunk) >= max_events or size >= max_bytes:
+            # never between the TRUNCATEs of one statement: they replay as one (apply.plan)
+            if (len(chunk) >= max_events or size >= max_bytes) and event.op != "T":
                 yield chunk
                 chunk, size = [], 0
         if chunk:

@@ -9,6 +9,10 @@ import psycopg2.errors
 import pytest
 from psycopg2 import sql
 
+from pyreplica import apply
+from pyreplica.batch import Event
+from pyreplica.db import connect
+
 
 def create_tg(db, name):
     return [r[0] for r in db.execute("SELECT py_log_create_tg(%s)", (name,))]
@@ -19,10 +23,17 @@ def log(db, after=0):
 
 
 def replay(master, slave):
-    """Run the master's log on the slave, in id order, in one transaction."""
-    with contextlib.closing(slave.connect(autocommit=False)) as conn, conn.cursor() as cur:
-        for (statement,) in master.execute("SELECT sql FROM replica_log ORDER BY id"):
-            cur.execute(statement)
+    """Run the master's log on the slave through the daemon's own apply path, in one transaction."""
+    events = [Event(*row) for row in master.execute(
+        "SELECT id, txid::text, relname, op::text, sql, username::text FROM replica_log ORDER BY id")]
+    with contextlib.closing(connect(slave.dsn, "slave")) as conn:
+        conn.autocommit = True
+        apply.install(conn)
+        conn.autocommit = False
+        with conn.cursor() as cur:
+            apply.start_session(cur)
+            if events:
+                apply.apply_chunk(cur, events)
         conn.commit()
 
 
