@@ -17,7 +17,7 @@ SELECT qualified, schema_name, table_name, columns, written_columns, pk, is_part
 """
 CURRENT_SNAPSHOT = "SELECT pg_catalog.pg_current_snapshot()::text"
 REGISTER = "SELECT pyreplica.register_slave(%s::text, %s::pg_snapshot, %s::text, %s::text)::text"
-CLAIM = "SELECT confirmed, batch_id FROM pyreplica.claim_slave(%s::text, %s::text, %s::text)"
+CLAIM = "SELECT confirmed, batch_id, start_snapshot FROM pyreplica.claim_slave(%s::text, %s::text, %s::text)"
 LOG_START = "SELECT pyreplica.log_start()::text"
 CONFIRM = "SELECT pyreplica.confirm(%s::text, %s::pg_snapshot, %s::bigint, %s::bigint)"
 REWIND = "SELECT pyreplica.rewind_slave(%s::text, %s::pg_snapshot, %s::bigint)"
@@ -92,7 +92,8 @@ def register(conn, name, at=None, identity=(None, None)):
 
 
 def claim(conn, name, identity):
-    """(snapshot, batch_id) the master has recorded for this slave, or None when unregistered.
+    """(snapshot, batch_id, start snapshot) the master has recorded for this slave, or None when
+    unregistered.
     Raises when the name belongs to another slave (identity = (system id, database))."""
     with conn.cursor() as cur:
         cur.execute(CLAIM, (name, *identity))

@@ -124,7 +124,11 @@ class Sides:
         position = apply.read_position(self.slave, self.name)
         record = self._claim(identity)      # again: recovery may have moved it
         if position is None:
-            return self._first_position(record, identity)
+            if record is None or record[1] == 0:
+                return self._first_position(record, identity)
+            # the slave never committed a batch, but the master records one (settled by hand):
+            # the slave's real position is its registration
+            position = (record[2], 0)
         if record is None:
             raise ReplicaError(f"slave {self.name} has a position but is not registered on the master (dropped "
                                f"with drop-slave?): events it needs may be gone; rebuild it with pyreplica clone",
@@ -151,7 +155,7 @@ class Sides:
     def _first_position(self, record, identity):
         if record is not None:
             self.log.info("Slave %s starts at its registration on the master", self.name)
-            return record
+            return record[0], record[1]
         start = master.log_start(self.listener)
         if start is None:
             raise ReplicaError(f"slave {self.name} is not registered on the master and the master's log has been "

@@ -71,7 +71,7 @@ def test_install_refuses_a_planted_log_or_schema_and_changes_nothing(bare_master
     attacker.run("DROP SCHEMA pyreplica")
     attacker.plant(plants=[("py_log_create_tg", "oid")])
     result = install(bare_master)
-    assert result.returncode != 0 and f"function py_log_create_tg(oid) (owner {attacker.name})" in result.stderr
+    assert result.returncode != 0 and f"function public.py_log_create_tg(oid) (owner {attacker.name})" in result.stderr
 
 
 def test_functions_planted_before_and_after_install_never_run_as_superuser(bare_master, slave, attacker):

@@ -148,7 +148,10 @@ BEGIN
             registered_at timestamptz NOT NULL DEFAULT now(),
             -- the slave this name belongs to, claimed by its first daemon start (docs/design.md §6)
             slave_system_id text,
-            slave_database  text
+            slave_database  text,
+            -- where the slave started (its registration): a slave that never committed a batch
+            -- starts there, whatever its record says since
+            start_snapshot  pg_snapshot
         );
         COMMENT ON TABLE pyreplica.replica_slaves IS 'pyreplica: one row per slave, its confirmed position';
         REVOKE ALL ON pyreplica.replica_slaves FROM PUBLIC;
@@ -699,8 +702,8 @@ AS $fn$
 DECLARE
     start pg_snapshot := coalesce(at, pg_current_snapshot());
 BEGIN
-    INSERT INTO pyreplica.replica_slaves AS s (name, confirmed, slave_system_id, slave_database)
-    VALUES (slave, start, register_slave.slave_system_id, register_slave.slave_database)
+    INSERT INTO pyreplica.replica_slaves AS s (name, confirmed, start_snapshot, slave_system_id, slave_database)
+    VALUES (slave, start, start, register_slave.slave_system_id, register_slave.slave_database)
     ON CONFLICT (name) DO NOTHING;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'pyreplica: a slave named "%" is already registered on this master', slave
@@ -731,7 +734,7 @@ COMMENT ON FUNCTION pyreplica.log_start() IS
 -- A daemon claims its name for its slave (system identifier and database): the first start
 -- records the identity, every later start must match it.
 CREATE OR REPLACE FUNCTION pyreplica.claim_slave(slave text, slave_system_id text, slave_database text)
-RETURNS TABLE (confirmed text, batch_id bigint)
+RETURNS TABLE (confirmed text, batch_id bigint, start_snapshot text)
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -755,7 +758,7 @@ BEGIN
             USING HINT = 'Give this slave its own name (--name or SLAVE_FIELD); to reuse the name, drop the other slave first (pyreplica drop-slave).',
                   ERRCODE = 'PR002';
     END IF;
-    RETURN QUERY SELECT s.confirmed::text, s.batch_id;
+    RETURN QUERY SELECT s.confirmed::text, s.batch_id, coalesce(s.start_snapshot, s.confirmed)::text;
 END
 $fn$;
 COMMENT ON FUNCTION pyreplica.claim_slave(text, text, text) IS 'pyreplica: check (or record) which slave owns a name';
