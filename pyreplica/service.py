@@ -9,13 +9,13 @@ its batch without leaving a prepared transaction — and then the service exits.
 import ctypes
 import logging.handlers
 import os
-import select
 import signal
 import subprocess
 import sys
 import time
 
 from . import config as configuration, log
+from .wakeup import Wakeup
 from .config import EXIT_CONFIG, EXIT_FAIL, EXIT_OK, conf_paths, load_worker
 from .mail import Mailer
 from .replicator import Replicator
@@ -73,12 +73,8 @@ class Supervisor:
         self.reloading = True
 
     def install_wakeup(self):
-        read_fd, write_fd = os.pipe()
-        os.set_blocking(write_fd, False)
-        os.set_blocking(read_fd, False)
-        signal.set_wakeup_fd(write_fd)
         signal.signal(signal.SIGCHLD, lambda *_: None)   # a worker's exit wakes the loop
-        self.wakeup = read_fd
+        self.wakeup = Wakeup()
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self, ready=lambda: None):
@@ -104,11 +100,7 @@ class Supervisor:
     def wait(self):
         due = [w.next_start for w in self.workers.values() if w.proc is None and w.held is None]
         timeout = max(0.0, min(due) - time.monotonic()) if due else 5.0
-        try:
-            if select.select([self.wakeup], [], [], min(timeout, 5.0))[0]:
-                os.read(self.wakeup, 4096)
-        except InterruptedError:
-            pass
+        self.wakeup.wait(min(timeout, 5.0))
 
     # -- the directory --------------------------------------------------------------------------
     def rescan(self):
