@@ -91,22 +91,21 @@ def cmd_clone(args):
     return clone(config, name)
 
 
+def master_dsn(args):
+    """The master's DSN of a command that needs only the master: -c CONF, the argument, or DSN0."""
+    if args.config:
+        return configuration.load(args.config).DSN0
+    return args.master or configuration.from_args(None, "unused").DSN0
+
+
 def cmd_drop_slave(args):
     from .admin import drop_slave
-    if args.config:
-        dsn = configuration.load(args.config).DSN0
-    else:
-        dsn = args.master or configuration.from_args(None, "unused").DSN0
-    return drop_slave(dsn, args.slave_name)
+    return drop_slave(master_dsn(args), args.slave_name)
 
 
 def cmd_register(args):
     from .admin import register
-    if args.config:
-        dsn = configuration.load(args.config).DSN0
-    else:
-        dsn = args.master or configuration.from_args(None, "unused").DSN0
-    return register(dsn, args.slave_name)
+    return register(master_dsn(args), args.slave_name)
 
 
 def cmd_recover(args):

@@ -672,7 +672,7 @@ AS $fn$
              WHERE i.indrelid = c.oid AND i.indisprimary),
            c.relispartition
       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-     WHERE c.oid IN (SELECT tgrelid FROM pg_trigger WHERE tgfoid = 'pyreplica.py_log_replica()'::regprocedure)
+     WHERE c.oid IN (SELECT tgrelid FROM pg_trigger) AND pyreplica.py_log_is_captured(c.oid)
      ORDER BY n.nspname, c.relname;
 $fn$;
 COMMENT ON FUNCTION pyreplica.captured_tables() IS 'pyreplica: the captured tables, their columns and keys';
