@@ -23,7 +23,7 @@ import time
 import psycopg2
 from psycopg2 import sql
 
-from . import master, progress
+from . import apply, master, progress
 from .db import ReplicaError, close_quietly, connect, first_line
 from .filters import Pipeline
 
@@ -41,7 +41,6 @@ SLAVE_COLUMNS = """
 SELECT array_agg(a.attname::text) FROM pg_attribute a
  WHERE a.attrelid = to_regclass(format('%%I.%%I', %s::text, %s::text)) AND a.attnum > 0 AND NOT a.attisdropped
 """
-POSITION = "SELECT snapshot::text, batch_id FROM pyreplica.position WHERE slave = %s"
 HAS_POSITION_TABLE = "SELECT pg_catalog.to_regclass('pyreplica.position') IS NOT NULL"
 RETRY_EVERY = 0.2
 SHOW_DIFFERENCES = 5        # differing rows named per table
@@ -104,8 +103,7 @@ def slave_position(slave, name):
     with slave.cursor() as cur:
         cur.execute(HAS_POSITION_TABLE)
         if cur.fetchone()[0]:
-            cur.execute(POSITION, (name,))
-            row = cur.fetchone()
+            row = apply.read_position(slave, name)
             if row:
                 return row
     raise ReplicaError(f"the slave has no position for {name}: it never replicated from this master "

@@ -119,10 +119,6 @@ def prepared_count(db):
     return db.scalar("SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()")
 
 
-def logged_events(master):
-    return master.scalar("SELECT count(*) FROM replica_log")
-
-
 def applied_on_slave(slave, name):
     rows = slave.execute("SELECT applied FROM pyreplica.position WHERE slave = %s", (name,))
     return rows[0][0] if rows else 0
