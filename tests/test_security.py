@@ -1,6 +1,7 @@
 """Security (issue 9, docs/design.md §3), tried as an attacker would on real clusters and real roles:
 planted objects before and after install, a daemon with the least privileges on both sides."""
 import os
+import time
 import uuid
 
 import pytest
@@ -184,3 +185,22 @@ def test_unregistered_slave_refuses_once_the_log_was_pruned(master, slave, slave
     slave2.execute("INSERT INTO t SELECT generate_series(1, 10)")    # the copy made by hand
     with Daemon(master, slave2, name="late"):
         wait_identical(master, slave2, ["t"])
+
+
+def test_conflict_lines_and_mails_carry_no_row_values_at_the_default_debug_level(master, slave):
+    card = "4111111111111111"
+    create_on_both(master, slave, "CREATE TABLE cards (id int PRIMARY KEY, number text NOT NULL CHECK (number <> 'x'))",
+                   ["cards"])
+    slave.execute("ALTER TABLE cards DROP CONSTRAINT cards_number_check; "
+                  "ALTER TABLE cards ADD CONSTRAINT no_visa CHECK (number NOT LIKE '4%')")
+    master.execute("INSERT INTO cards VALUES (7, %s)", (card,))
+    event = master.scalar("SELECT max(id) FROM replica_log")
+    with Daemon(master, slave, name="c1") as daemon:
+        daemon.wait_for_output(f"at event {event} (INSERT on public.cards)")
+        time.sleep(0.5)
+        quiet = daemon.output
+    assert card not in quiet, quiet
+    assert 'violates check constraint "no_visa"' in quiet and "(primary key: id)" in quiet
+    with Daemon(master, slave, "--debug-level", "2", name="c1") as daemon:
+        daemon.wait_for_output("Failing row contains")
+        assert card in daemon.output        # asked for: every statement and row
