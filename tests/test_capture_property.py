@@ -75,7 +75,8 @@ def apply_settings(cur, values):
 # Quotes, spaces, dots, mixed case, backslashes and non-ASCII; at most 63 bytes (NAMEDATALEN).
 IDENT_CHARS = string.ascii_letters + string.digits + ' "._\\$-\'' + "éÜßжΩ漢😀"
 identifiers = (st.text(alphabet=IDENT_CHARS, min_size=1, max_size=20)
-               .filter(lambda s: len(s.encode()) <= 63 and not s.lower().startswith("pg_")))
+               .filter(lambda s: len(s.encode()) <= 63 and not s.lower().startswith("pg_")
+               and s not in ("pyreplica", "public")))
 
 # -- values -------------------------------------------------------------------------------------
 NO_NUL_TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
@@ -436,10 +437,13 @@ def test_replayed_log_rebuilds_the_table(dbs, data):
         reset(mconn, schema, ddl)
         reset(rconn, schema, ddl)
         with mconn.cursor() as cur:
-            cur.execute("TRUNCATE public.replica_log")
+            cur.execute("TRUNCATE pyreplica.replica_log")
             arg = target.as_string(mconn)   # '"my schema"."My Table"'
+            cur.execute("SELECT CASE WHEN %(s)s = 'public' THEN quote_ident(%(t)s) "
+                        "ELSE format('%%I.%%I', %(s)s::text, %(t)s::text) END", {"s": schema, "t": table})
+            shown = cur.fetchone()[0]       # the answer line names it qualified, quoted only where needed
             cur.execute("SELECT py_log_create_tg(%s)", (arg,))
-            assert cur.fetchall() == [(f"created trigger on {arg} ({','.join(c.name for c in pk)})",)]
+            assert cur.fetchall() == [(f"created trigger on {shown} ({','.join(c.name for c in pk)})",)]
 
         # The master's writes, under its own session settings, each in a savepoint: a statement
         # that fails (duplicate key, the domain's CHECK, overflow) leaves no trace, in the log too.
@@ -469,7 +473,8 @@ def test_replayed_log_rebuilds_the_table(dbs, data):
             cur.execute("SELECT id, txid::text, relname, op::text, sql, username::text FROM public.replica_log ORDER BY id")
             events = [Event(*row) for row in cur.fetchall()]
             log = [(e.sql, e.relname, e.op) for e in events]
-            cur.execute("SELECT format('%%I.%%I', %s::text, %s::text)", (schema, table))
+            cur.execute("SELECT CASE WHEN %(s)s = 'public' THEN quote_ident(%(t)s) "
+                        "ELSE format('%%I.%%I', %(s)s::text, %(t)s::text) END", {"s": schema, "t": table})
             relname = cur.fetchone()[0]
         assert {(r, op in "IUDT") for _, r, op in log} <= {(relname, True)}
 

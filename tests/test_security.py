@@ -139,7 +139,10 @@ def test_least_privilege_daemon_replicates_and_a_check_function_cannot_run_progr
     try:
         master.execute("INSERT INTO t VALUES (1, 'fine'), (2, 'also fine')")
         with Daemon(As(master), As(slave), name="lp") as daemon:
-            wait_identical(master, slave, ["t"])
+            try:
+                wait_identical(master, slave, ["t"])
+            except AssertionError as e:
+                raise AssertionError(f"{e}\n{daemon.output}") from None
             master.execute("INSERT INTO t VALUES (3, 'boom')")
             daemon.wait_for_output("pg_execute_server_program")
             assert not flag.exists()

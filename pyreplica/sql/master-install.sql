@@ -968,7 +968,8 @@ BEGIN
               WHERE n.nspname IN ('pyreplica', 'public') AND obj_description(p.oid, 'pg_proc') LIKE 'pyreplica:%' LOOP
         EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);
     END LOOP;
-    GRANT EXECUTE ON FUNCTION pyreplica.captured_tables(), pyreplica.unapplied(pg_snapshot),
+    GRANT EXECUTE ON FUNCTION pyreplica.captured_tables(), pyreplica.py_log_is_captured(regclass),
+        pyreplica.unapplied(pg_snapshot),
         pyreplica.register_slave(text, pg_snapshot, text, text), pyreplica.log_start(),
         pyreplica.claim_slave(text, text, text), pyreplica.confirm(text, pg_snapshot, bigint, bigint),
         pyreplica.rewind_slave(text, pg_snapshot, bigint),
