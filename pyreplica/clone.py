@@ -14,9 +14,10 @@ import shutil
 import subprocess
 import tempfile
 
+import psycopg2.extensions
+
 from . import apply, log
-from .cluster import bindir
-from .db import ReplicaError, close_quietly, connect, fetch_one
+from .db import ReplicaError, close_quietly, connect, fetch_one, safe_text, split_password
 from .filters import Pipeline
 from .batch import Event
 
@@ -51,9 +52,51 @@ TOC_LINE = re.compile(r"^(\d+); \d+ \d+ (?P<desc>TABLE DATA|SEQUENCE SET|SEQUENC
                       r"EVENT TRIGGER|DEFAULT ACL|MATERIALIZED VIEW DATA|[A-Z]+) (?P<rest>.*)$")
 
 
+CLIENT_ROOT = "/usr/lib/postgresql"      # Debian's layout: one bin directory per installed major version
+
+
 def tool(name):
-    path = os.path.join(bindir(), name)
-    return path if os.path.exists(path) else shutil.which(name) or name
+    """The path of a PostgreSQL client program: the newest version installed, else pg_config's, else PATH."""
+    for directory in [*version_bindirs(), pg_config_bindir()]:
+        if directory and os.access(os.path.join(directory, name), os.X_OK):
+            return os.path.join(directory, name)
+    found = shutil.which(name)
+    if found is None:
+        raise ReplicaError(f"{name} not found (in {CLIENT_ROOT}/*/bin, pg_config --bindir or PATH): install the "
+                           f"PostgreSQL client programs of the master's major version NN or newer (Debian/Ubuntu: "
+                           f"apt-get install postgresql-client-NN, or postgresql-client)")
+    return found
+
+
+def version_bindirs():
+    """CLIENT_ROOT/<version>/bin, newest version first."""
+    try:
+        versions = [v for v in os.listdir(CLIENT_ROOT) if re.fullmatch(r"\d+(\.\d+)?", v)]
+    except OSError:
+        return []
+    versions.sort(key=lambda v: tuple(int(part) for part in v.split(".")), reverse=True)
+    return [os.path.join(CLIENT_ROOT, v, "bin") for v in versions]
+
+
+def pg_config_bindir():
+    pg_config = shutil.which("pg_config")
+    if pg_config is None:
+        return None
+    result = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True)
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def client_dsn(dsn, directory, side):
+    """The DSN to give a client program on its command line (seen by every local user in `ps`): without its
+    password, which goes into a passfile (mode 0600, in the clone's private temporary directory)."""
+    bare, password = split_password(dsn)
+    if password is None:
+        return bare
+    passfile = os.path.join(directory, f"{side}.pgpass")
+    fd = os.open(passfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("*:*:*:*:" + password.replace("\\", "\\\\").replace(":", "\\:") + "\n")
+    return psycopg2.extensions.make_dsn(bare, passfile=passfile)
 
 
 def clone(config, name):
@@ -73,12 +116,12 @@ def clone(config, name):
         with tempfile.TemporaryDirectory(prefix="pyreplica-clone-") as tmp:
             dump = os.path.join(tmp, "master.dump")
             run_tool([tool("pg_dump"), "-Fc", "--no-owner", "--no-privileges", f"--snapshot={exported}",
-                      "-f", dump, "-d", config.DSN0], "pg_dump of the master")
+                      "-f", dump, "-d", client_dsn(config.DSN0, tmp, "master")], "pg_dump of the master")
             master.rollback()       # pg_dump has imported the snapshot: the export can end
             listing = os.path.join(tmp, "restore.list")
             write_restore_list(dump, listing, tables)
             logger.info("Restoring into the slave (one transaction)")
-            restore(dump, listing, config.DSN1, name, snapshot)
+            restore(dump, listing, client_dsn(config.DSN1, tmp, "slave"), name, snapshot)
         logger.info("Clone done: slave %s registered at snapshot %s; start `pyreplica run` for it", name, snapshot)
         return 0
     except BaseException:
@@ -126,7 +169,7 @@ def unregister(master_dsn, name):
 def run_tool(cmd, what):
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
-        raise ReplicaError(f"{what} failed: {result.stderr.strip()[-800:]}")
+        raise ReplicaError(f"{what} failed: {safe_text(result.stderr.strip()[-800:])}")
     return result.stdout
 
 
@@ -167,4 +210,4 @@ def restore(dump, listing, slave_dsn, name, snapshot):
     restore_err = script.stderr.read().decode()
     if script.wait() != 0 or psql.wait() != 0:
         raise ReplicaError(f"restore into the slave failed (nothing was kept): "
-                           f"{(psql.stderr.read().decode() or restore_err).strip()[-800:]}", "slave")
+                           f"{safe_text((psql.stderr.read().decode() or restore_err).strip()[-800:])}", "slave")
