@@ -1,13 +1,12 @@
 """Notification mail (DESIGN §7) through a real SMTP server on loopback (aiosmtpd): start, stop,
-error and conflict warning; one mail per outage; a dead SMTP server never stops replication."""
+error and conflict warning; one mail per outage; a dead SMTP server never stops replication; STARTTLS
+verifies the certificate (CA_FILE, TLS_VERIFY) and no password goes out in clear text."""
 import email
-import logging
 import email.policy
-import os
+import logging
 import socket
 import ssl
 import subprocess
-import tempfile
 from dataclasses import dataclass
 
 import pytest
