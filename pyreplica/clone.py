@@ -17,8 +17,7 @@ import subprocess
 import tempfile
 
 from . import apply, log, master
-from .cluster import bindir
-from .db import ReplicaError, close_quietly, connect, fetch_one
+from .db import ReplicaError, close_quietly, connect, fetch_one, safe_text, split_password
 from .filters import Pipeline
 from .sides import SLAVE_IDENTITY
 
@@ -46,9 +45,51 @@ TOC_LINE = re.compile(r"^(\d+); \d+ \d+ (?P<desc>TABLE DATA|SEQUENCE SET|SEQUENC
                       r"EVENT TRIGGER|DEFAULT ACL|MATERIALIZED VIEW DATA|[A-Z]+) (?P<rest>.*)$")
 
 
+CLIENT_ROOT = "/usr/lib/postgresql"      # Debian's layout: one bin directory per installed major version
+
+
 def tool(name):
-    path = os.path.join(bindir(), name)
-    return path if os.path.exists(path) else shutil.which(name) or name
+    """The path of a PostgreSQL client program: the newest version installed, else pg_config's, else PATH."""
+    for directory in [*version_bindirs(), pg_config_bindir()]:
+        if directory and os.access(os.path.join(directory, name), os.X_OK):
+            return os.path.join(directory, name)
+    found = shutil.which(name)
+    if found is None:
+        raise ReplicaError(f"{name} not found (in {CLIENT_ROOT}/*/bin, pg_config --bindir or PATH): install the "
+                           f"PostgreSQL client programs of the master's major version NN or newer (Debian/Ubuntu: "
+                           f"apt-get install postgresql-client-NN, or postgresql-client)")
+    return found
+
+
+def version_bindirs():
+    """CLIENT_ROOT/<version>/bin, newest version first."""
+    try:
+        versions = [v for v in os.listdir(CLIENT_ROOT) if re.fullmatch(r"\d+(\.\d+)?", v)]
+    except OSError:
+        return []
+    versions.sort(key=lambda v: tuple(int(part) for part in v.split(".")), reverse=True)
+    return [os.path.join(CLIENT_ROOT, v, "bin") for v in versions]
+
+
+def pg_config_bindir():
+    pg_config = shutil.which("pg_config")
+    if pg_config is None:
+        return None
+    result = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True)
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def client_dsn(dsn, directory, side):
+    """The DSN to give a client program on its command line (seen by every local user in `ps`): without its
+    password, which goes into a passfile (mode 0600, in the clone's private temporary directory)."""
+    bare, password = split_password(dsn)
+    if password is None:
+        return bare
+    passfile = os.path.join(directory, f"{side}.pgpass")
+    fd = os.open(passfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("*:*:*:*:" + password.replace("\\", "\\\\").replace(":", "\\:") + "\n")
+    return psycopg2.extensions.make_dsn(bare, passfile=passfile)
 
 
 def clone(config, name):
@@ -71,12 +112,13 @@ def clone(config, name):
         with tempfile.TemporaryDirectory(prefix="pyreplica-clone-") as tmp:
             dump = os.path.join(tmp, "master.dump")
             run_tool([tool("pg_dump"), "-Fc", "--no-owner", "--no-privileges", f"--snapshot={exported}",
-                      "--exclude-schema=pyreplica", "-f", dump, "-d", config.DSN0], "pg_dump of the master")
+                      "--exclude-schema=pyreplica", "-f", dump, "-d", client_dsn(config.DSN0, tmp, "master")],
+                     "pg_dump of the master")
             conn.rollback()       # pg_dump has imported the snapshot: the export can end
             listing = os.path.join(tmp, "restore.list")
             write_restore_list(dump, listing, tables)
             logger.info("Restoring into the slave (one transaction)")
-            restore(dump, listing, config.DSN1, name, snapshot)
+            restore(dump, listing, client_dsn(config.DSN1, tmp, "slave"), name, snapshot)
         conn.autocommit = True
         with conn.cursor() as cur:
             master.confirm(cur, name, snapshot, 0, 0)
@@ -123,7 +165,7 @@ def unregister(master_dsn, name):
 def run_tool(cmd, what):
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
-        raise ReplicaError(f"{what} failed: {result.stderr.strip()[-800:]}")
+        raise ReplicaError(f"{what} failed: {safe_text(result.stderr.strip()[-800:])}")
     return result.stdout
 
 
@@ -164,4 +206,4 @@ def restore(dump, listing, slave_dsn, name, snapshot):
     restore_err = script.stderr.read().decode()
     if script.wait() != 0 or psql.wait() != 0:
         raise ReplicaError(f"restore into the slave failed (nothing was kept): "
-                           f"{(psql.stderr.read().decode() or restore_err).strip()[-800:]}", "slave")
+                           f"{safe_text((psql.stderr.read().decode() or restore_err).strip()[-800:])}", "slave")

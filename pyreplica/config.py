@@ -8,6 +8,7 @@ import configparser
 import glob
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 
 import psycopg2.extensions
@@ -15,6 +16,7 @@ import psycopg2.extensions
 # Exit codes of every pyreplica command, the service and its workers (systemd's unit and the init
 # script map them: 2 is a bad config that retrying cannot fix).
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
+from .db import dsn_secrets
 
 
 class ConfigError(Exception):
@@ -119,7 +121,11 @@ KEYS = [
     Key("MAIN", "RETRY_MAX", _positive, 60.0, "Longest wait in seconds between retries after an error or a lost connection"),
     Key("SMTP", "SERVER", str, "", "SMTP server host[:port] for notifications; empty = no mail", "localhost:25"),
     Key("SMTP", "USERNAME", str, "", "SMTP login (optional; STARTTLS is used when the server offers it)"),
-    Key("SMTP", "PASSWORD", str, "", "SMTP password"),
+    Key("SMTP", "PASSWORD", str, "", "SMTP password (the file must then not be world-readable: chmod 640)"),
+    Key("SMTP", "TLS_VERIFY", _bool, True, "Check the SMTP server's certificate and host name on STARTTLS "
+        "(false = accept any certificate: a man in the middle gets the mails and the password)"),
+    Key("SMTP", "CA_FILE", str, "", "CA certificate(s) (PEM) that sign the SMTP server's certificate; "
+        "empty = the system's CA store", "/etc/pyreplica/smtp-ca.pem"),
     Key("SMTP", "FROM_ADDR", str, "pyreplica@localhost", "Sender address"),
     Key("SMTP", "TO_ADDRS", _list(";"), [], "Recipients, ';'-separated", "dba@example.com;ops@example.com"),
     Key("SMTP", "START_SUBJECT", str, "pyreplica %(name)s started", "Subject of the start mail (%(name)s is NAME)"),
@@ -156,6 +162,7 @@ def load(path, environ=os.environ):
     parser.optionxform = str.upper      # key names are case-insensitive, as in the original
     try:
         with open(path) as f:
+            mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
             parser.read_file(f)
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config file: {e.strerror}") from None
@@ -171,7 +178,27 @@ def load(path, environ=os.environ):
                 allowed = ", ".join(k.name for k in KEYS if k.section == section)
                 raise ConfigError(f"{path}: unknown key {name} in [{section}] (allowed: {allowed})")
             values[(section, name)] = _parse(path, key, raw)
+    check_mode(path, mode, holds_password(values))
     return finish(Config(path, values), environ)
+
+
+def holds_password(values):
+    return bool(values[("SMTP", "PASSWORD")] or any(dsn_secrets(values[("MAIN", k)]) for k in ("DSN0", "DSN1")))
+
+
+def check_mode(path, mode, with_password):
+    """Refuse a conf that others may change (it says where pyreplica connects and which filters it loads),
+    or read while it holds a password. Group-readable stays allowed: the service's workers read root's
+    confs as group pyreplica."""
+    writable = stat.S_IWGRP | stat.S_IWOTH
+    if mode & writable:
+        problem = "writable by users other than its owner"
+    elif with_password and mode & stat.S_IROTH:
+        problem = "readable by every user and holds a password"
+    else:
+        return
+    fixed = mode & ~writable & ~(stat.S_IROTH if with_password else 0)
+    raise ConfigError(f"{path}: refused: the file is {problem} (mode {mode:04o}): chmod {fixed:03o} {path}")
 
 
 def _one_line(error):
@@ -252,6 +279,8 @@ def _sample_lines(key):
         default = (";" if key.name == "TO_ADDRS" else ",").join(default)
     if key.name in ("DSN0", "DSN1", "NAME"):
         return [f"# {key.help}", f"{key.name} = {key.example}"]
+    if isinstance(default, bool):
+        default = str(default).lower()
     if key.example and default in ("", None):
         # commented out: the example is not the default (which is empty)
         return [f"# {key.help} (default: empty)", f"#{key.name} = {key.example}"]

@@ -1,6 +1,8 @@
 """Connections to the master and the slave, and the errors users see when they fail."""
+import contextlib
 import os
 import re
+import urllib.parse
 
 import psycopg2
 import psycopg2.extensions
@@ -17,9 +19,71 @@ class ConnectionLost(ReplicaError):
     """A server went away (or could not be reached): retried with backoff by the daemon."""
 
 
+# Where a password can sit in a connection string (libpq reads both forms):
+# keyword form: password=secret, password = 'a b' (also sslpassword, the client key's passphrase);
+# URI form: postgresql://user:secret@host/db and ?password=secret in the query string.
+# Each pattern errs on hiding too much: a malformed DSN must not show its password either.
+def _uri_patterns(stop):
+    """(userinfo password, up to the last '@'; query-string password), values ending at a `stop` char."""
+    return (re.compile(rf"(postgres(?:ql)?://[^:@/{stop}]*:)([^{stop}]*)(?=@)", re.I),
+            re.compile(rf"([?&](?:ssl)?password=)([^&{stop}]*)", re.I))
+
+
+URI_IN_DSN = _uri_patterns(r"\n")
+URI_IN_TEXT = _uri_patterns(r"\s\"'")       # a URI quoted in an error message ends at a space or quote
+# an unquoted value runs to the next `key=`: libpq ends it at a space, but a password typed with a
+# space in it must be hidden whole (libpq then quotes its second half: missing "=" after "...")
+KEYWORD = re.compile(r"((?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'?|.*?)(?=(?<!\\)\s+\w+\s*=|\s*$)", re.I | re.S)
+MASK = "***"
+
+
+def is_uri(dsn):
+    return re.match(r"\s*postgres(?:ql)?://", dsn, re.I) is not None
+
+
+def _password_matches(dsn):
+    patterns = URI_IN_DSN if is_uri(dsn) else (KEYWORD,)
+    return patterns, [m.group(2) for pattern in patterns for m in pattern.finditer(dsn)]
+
+
 def safe_dsn(dsn):
-    """The DSN with any password hidden, fit for a log line."""
-    return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", dsn)
+    """The DSN (keyword or URI form, well-formed or not) with every password hidden, fit for a log line."""
+    for pattern in _password_matches(dsn)[0]:
+        dsn = pattern.sub(rf"\1{MASK}", dsn)
+    return dsn
+
+
+def safe_text(text, dsn=""):
+    """An error text (libpq's, pg_dump's...) with the passwords of `dsn`, and of any URI it quotes, hidden.
+    libpq quotes pieces of a DSN it cannot parse (`invalid percent-encoded token: "s3%zz"`)."""
+    for pattern in URI_IN_TEXT:
+        text = pattern.sub(rf"\1{MASK}", text)
+    for secret in sorted(dsn_secrets(dsn), key=len, reverse=True):
+        # whole tokens only: hiding a short password inside a longer word would reveal it
+        text = re.sub(rf"(?<!\w){re.escape(secret)}(?!\w)", MASK, text)
+    return text
+
+
+def dsn_secrets(dsn):
+    """Every string that may be (a piece of) a password in `dsn`: as typed, unquoted, percent-decoded."""
+    values = _password_matches(dsn)[1]
+    values += [urllib.parse.unquote(v) for v in values] + [re.sub(r"\\(.)", r"\1", v.strip("'")) for v in values]
+    with contextlib.suppress(psycopg2.Error):      # what libpq itself reads, when it can parse the DSN
+        parsed = psycopg2.extensions.parse_dsn(dsn)
+        values += [parsed.get("password", ""), parsed.get("sslpassword", "")]
+    pieces = [piece for value in values for piece in value.split()]
+    return {v for v in values + pieces if v and v != MASK}
+
+
+def split_password(dsn):
+    """(the DSN without its password, the password or None), for client programs that must not get it
+    on their command line. Raises ReplicaError for a DSN libpq cannot parse."""
+    try:
+        params = psycopg2.extensions.parse_dsn(dsn)
+    except psycopg2.ProgrammingError as e:
+        raise ReplicaError(f"bad connection string {safe_dsn(dsn)!r}: {safe_text(first_line(e), dsn)}") from None
+    password = params.pop("password", None)
+    return psycopg2.extensions.make_dsn(**params), password
 
 
 def first_line(error):
@@ -56,9 +120,12 @@ def connect(dsn, side, application_name="pyreplica", settings=None, **params):
         conn = psycopg2.connect(dsn, application_name=application_name, connect_timeout=10,
                                 client_encoding="UTF8", options=startup_options(dsn, settings), **params)
     except psycopg2.OperationalError as e:
-        raise ConnectionLost(f"cannot connect to the {side} ({safe_dsn(dsn)}): {first_line(e)}", side) from e
+        # libpq's text may quote parts of the DSN; `from None`: a logged traceback must not show it raw
+        raise ConnectionLost(f"cannot connect to the {side} ({safe_dsn(dsn)}): "
+                             f"{safe_text(first_line(e), dsn)}", side) from None
     except psycopg2.ProgrammingError as e:  # malformed DSN
-        raise ReplicaError(f"bad {side} connection string {safe_dsn(dsn)!r}: {first_line(e)}", side) from e
+        raise ReplicaError(f"bad {side} connection string {safe_dsn(dsn)!r}: "
+                           f"{safe_text(first_line(e), dsn)}", side) from None
     return conn
 
 

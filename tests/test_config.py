@@ -21,9 +21,10 @@ def run_without_dsn_env(*args):
     return result.returncode, result.stdout, result.stderr
 
 
-def write(tmp_path, text, name="bad.conf"):
+def write(tmp_path, text, name="bad.conf", mode=0o640):
     path = tmp_path / name
     path.write_text(text)
+    path.chmod(mode)
     return str(path)
 
 
@@ -58,8 +59,10 @@ def test_original_keys_keep_their_names_and_meaning(tmp_path):
     (GOOD_MAIN + "RETRY_MAX = never\n", "bad value 'never' for RETRY_MAX in [MAIN]: expected a number of seconds > 0"),
     (GOOD_MAIN + "SLAVE_FIELD = a b\n", "bad value 'a b' for SLAVE_FIELD in [MAIN]: expected 1-63 letters, digits, "
                                         "'_', '.' or '-'"),
-    (GOOD_MAIN + "[SMTP]\nHOST = x\n", "unknown key HOST in [SMTP] (allowed: SERVER, USERNAME, PASSWORD, FROM_ADDR, "
-                                       "TO_ADDRS, START_SUBJECT, STOP_SUBJECT, ERROR_SUBJECT, WARNING_SUBJECT)"),
+    (GOOD_MAIN + "[SMTP]\nHOST = x\n", "unknown key HOST in [SMTP] (allowed: SERVER, USERNAME, PASSWORD, TLS_VERIFY, "
+                                       "CA_FILE, FROM_ADDR, TO_ADDRS, START_SUBJECT, STOP_SUBJECT, ERROR_SUBJECT, "
+                                       "WARNING_SUBJECT)"),
+    (GOOD_MAIN + "[SMTP]\nTLS_VERIFY = maybe\n", "bad value 'maybe' for TLS_VERIFY in [SMTP]: expected true or false"),
     (GOOD_MAIN + "[MAILER]\nX = 1\n", "unknown section [MAILER] (allowed: [MAIN], [SMTP])"),
     ("[MAIN]\nDSN0 = dbname=m\n", "missing DSN1 (the slave's connection string) in [MAIN] and in the environment"),
 ])
@@ -87,3 +90,53 @@ def test_dsns_from_the_environment(master, slave, tmp_path):
         assert daemon.stop() == 0
     assert "envset " in daemon.output
     assert master.scalar("SELECT count(*) FROM pyreplica.replica_slaves WHERE name = 'envslave'") == 1
+
+
+WITH_PASSWORD = {
+    "keyword DSN": "[MAIN]\nDSN0 = dbname=m host=127.0.0.1 password = 'a b'\nDSN1 = dbname=s\n",
+    "URI DSN": "[MAIN]\nDSN0 = dbname=m\nDSN1 = postgresql://u:secret@127.0.0.1/s\n",
+    "URI query": "[MAIN]\nDSN0 = postgres://u@127.0.0.1/m?password=secret\nDSN1 = dbname=s\n",
+    "SMTP password": GOOD_MAIN + "[SMTP]\nSERVER = mail\nUSERNAME = u\nPASSWORD = secret\n",
+}
+
+
+@pytest.mark.parametrize("mode, fixed", [(0o666, "644"), (0o664, "644"), (0o620, "600"), (0o642, "640")])
+def test_conf_writable_by_others_is_refused(tmp_path, mode, fixed):
+    path = write(tmp_path, GOOD_MAIN, mode=mode)
+    rc, out, err = run_without_dsn_env("run", "-c", path)
+    assert (rc, err) == (2, f"pyreplica: {path}: refused: the file is writable by users other than its owner "
+                            f"(mode {mode:04o}): chmod {fixed} {path}\n")
+    os.chmod(path, int(fixed, 8))           # the chmod given fixes it
+    assert config.load(path, environ={}).DSN0 == "dbname=m host=127.0.0.1"
+
+
+@pytest.mark.parametrize("kind", WITH_PASSWORD)
+def test_world_readable_conf_with_a_password_is_refused(tmp_path, kind):
+    path = write(tmp_path, WITH_PASSWORD[kind], mode=0o644)
+    rc, out, err = run_without_dsn_env("run", "-c", path)
+    assert (rc, err) == (2, f"pyreplica: {path}: refused: the file is readable by every user and holds a password "
+                            f"(mode 0644): chmod 640 {path}\n")
+    assert "secret" not in out + err
+    os.chmod(path, 0o640)    # group-readable stays allowed: the service's workers read it as group pyreplica
+    assert config.load(path, environ={}).source == path
+
+
+def test_world_readable_conf_without_a_password_and_writable_only_by_its_owner_loads(tmp_path):
+    assert config.load(write(tmp_path, GOOD_MAIN, mode=0o644), environ={}).DSN1 == "dbname=s host=127.0.0.1"
+
+
+def test_conf_mode_is_checked_on_the_file_a_symlink_names(tmp_path):
+    target = write(tmp_path, WITH_PASSWORD["SMTP password"], name="real.conf", mode=0o604)
+    link = tmp_path / "link.conf"
+    link.symlink_to(target)
+    with pytest.raises(config.ConfigError) as refused:
+        config.load(str(link), environ={})
+    assert str(refused.value) == (f"{link}: refused: the file is readable by every user and holds a password "
+                                  f"(mode 0604): chmod 600 {link}")
+
+
+def test_smtp_tls_keys_default_to_verifying(tmp_path):
+    c = config.load(write(tmp_path, GOOD_MAIN), environ={})
+    assert (c.get("SMTP", "TLS_VERIFY"), c.get("SMTP", "CA_FILE")) == (True, "")
+    c = config.load(write(tmp_path, GOOD_MAIN + "[SMTP]\nTLS_VERIFY = false\nCA_FILE = /etc/ca.pem\n"), environ={})
+    assert (c.get("SMTP", "TLS_VERIFY"), c.get("SMTP", "CA_FILE")) == (False, "/etc/ca.pem")

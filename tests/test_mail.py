@@ -1,12 +1,12 @@
 """Notification mail (docs/design.md §7) through a real SMTP server on loopback (aiosmtpd): start, stop,
-error and conflict warning; one mail per outage; a dead SMTP server never stops replication."""
+error and conflict warning; one mail per outage; a dead SMTP server never stops replication; STARTTLS
+verifies the certificate (CA_FILE, TLS_VERIFY) and no password goes out in clear text."""
 import email
 import email.policy
-import os
+import logging
 import socket
 import ssl
 import subprocess
-import tempfile
 from dataclasses import dataclass
 
 import pytest
@@ -78,6 +78,7 @@ def console_run(tmp_path, master, slave, smtp, **main):
             "DEBUG_LEVEL": 2, **main}
     path = tmp_path / "mail.conf"
     path.write_text(conf_text(keys, smtp))
+    path.chmod(0o640)       # it may hold the SMTP password
     daemon = Daemon(master, slave)
     daemon.args = ["-c", str(path)]
     return daemon
@@ -163,39 +164,177 @@ def test_smtp_server_down_never_stops_replication(tmp_path, master, slave):
     assert f"Could not send the stop mail through {dead}" in daemon.output
 
 
-def self_signed_context(tmp_path):
+def self_signed(tmp_path, name="127.0.0.1"):
+    """A self-signed certificate for `name` (also its own CA): (cert path, server TLS context)."""
     cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
-                    "/CN=127.0.0.1", "-keyout", key, "-out", cert], check=True, capture_output=True)
+                    f"/CN={name}", "-addext", f"subjectAltName=IP:{name}", "-keyout", key, "-out", cert],
+                   check=True, capture_output=True)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
-    return context
+    return cert, context
+
+
+class LoginServer:
+    """A STARTTLS relay requiring a login (replica / s3cret) over TLS, recording every login tried."""
+
+    def __init__(self, tls_context):
+        self.logins = []
+        self.inbox, self.controller = smtp_server(tls_context=tls_context, require_starttls=True,
+                                                  auth_required=True, authenticator=self.authenticate)
+        self.server = f"127.0.0.1:{self.controller.port}"
+
+    def authenticate(self, server, session, envelope, mechanism, auth_data):
+        self.logins.append((auth_data.login, auth_data.password))
+        ok = auth_data.login == b"replica" and auth_data.password == b"s3cret"
+        return AuthResult(success=ok, handled=False)     # handled=False: aiosmtpd answers 535 itself
+
+    def mailer(self, **tls):
+        return Mailer(self.server, "replica", "s3cret", "pyreplica@db.example.com", RECIPIENTS,
+                      {"error": "pyreplica %(name)s ERROR"}, "tlsset", **tls)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.controller.stop()
 
 
 def test_login_over_starttls(tmp_path):
     """A server that offers STARTTLS and requires a login over it, as most relays do."""
-    logins = []
-
-    def authenticator(server, session, envelope, mechanism, auth_data):
-        logins.append((auth_data.login, auth_data.password))
-        ok = auth_data.login == b"replica" and auth_data.password == b"s3cret"
-        return AuthResult(success=ok, handled=False)     # handled=False: aiosmtpd answers 535 itself
-
-    inbox, controller = smtp_server(tls_context=self_signed_context(tmp_path), require_starttls=True,
-                                    auth_required=True, authenticator=authenticator)
-    try:
-        mailer = Mailer(f"127.0.0.1:{controller.port}", "replica", "s3cret", "pyreplica@db.example.com",
-                        RECIPIENTS, {"error": "pyreplica %(name)s ERROR"}, "tlsset")
-        assert mailer.deliver("error", "slave: the slave is gone")
-        bad = Mailer(f"127.0.0.1:{controller.port}", "replica", "wrong", "pyreplica@db.example.com",
-                     RECIPIENTS, {"error": "x"}, "tlsset")
+    cert, context = self_signed(tmp_path)
+    with LoginServer(context) as relay:
+        assert relay.mailer(ca_file=cert).deliver("error", "slave: the slave is gone")
+        bad = relay.mailer(ca_file=cert)
+        bad.password = "wrong"
         assert not bad.deliver("error", "never delivered")      # logged, never raised
-    finally:
-        controller.stop()
-    assert len(inbox.mails) == 1
-    mail = inbox.mails[0]
+    assert len(relay.inbox.mails) == 1
+    mail = relay.inbox.mails[0]
     assert (mail.subject, mail.recipients, mail.tls, mail.authenticated) == ("pyreplica tlsset ERROR", RECIPIENTS,
                                                                              True, True)
     assert "slave: the slave is gone" in mail.body
     # the good login, then the bad one (which smtplib tries with each mechanism the server offers)
-    assert logins[0] == (b"replica", b"s3cret") and set(logins[1:]) == {(b"replica", b"wrong")}
+    assert relay.logins[0] == (b"replica", b"s3cret") and set(relay.logins[1:]) == {(b"replica", b"wrong")}
+
+
+class Warnings(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def warnings():
+    """The warnings pyreplica logs (its logger does not propagate once set up)."""
+    handler, logger = Warnings(), logging.getLogger("pyreplica")
+    logger.addHandler(handler)
+    yield handler.lines
+    logger.removeHandler(handler)
+
+
+@pytest.fixture
+def self_signed_relay(tmp_path):
+    cert, context = self_signed(tmp_path)
+    with LoginServer(context) as relay:
+        relay.cert = cert
+        yield relay
+
+
+def test_starttls_refuses_an_untrusted_certificate_by_default(self_signed_relay, warnings):
+    """A man in the middle with a self-signed certificate gets neither the mail nor the password."""
+    assert not self_signed_relay.mailer().deliver("error", "slave: the slave is gone")
+    assert self_signed_relay.inbox.mails == [] and self_signed_relay.logins == []
+    assert warnings == [f"Could not send the error mail through {self_signed_relay.server}: its certificate is not "
+                        "trusted (self-signed certificate): set CA_FILE in [SMTP] to the CA that signed it "
+                        "(TLS_VERIFY = false would let a man in the middle read the mails and the password)"]
+
+
+def test_starttls_with_ca_file_delivers(self_signed_relay):
+    assert self_signed_relay.mailer(ca_file=self_signed_relay.cert).deliver("error", "slave: the slave is gone")
+    assert [(m.subject, m.tls, m.authenticated) for m in self_signed_relay.inbox.mails] == [
+        ("pyreplica tlsset ERROR", True, True)]
+
+
+def test_starttls_checks_the_host_name_too(tmp_path, warnings):
+    """A certificate the CA file trusts, but issued for another name, is refused."""
+    cert, context = self_signed(tmp_path, name="127.0.0.2")
+    with LoginServer(context) as relay:
+        assert not relay.mailer(ca_file=cert).deliver("error", "x")
+        assert relay.inbox.mails == [] and relay.logins == []
+    assert len(warnings) == 1 and "its certificate is not trusted (IP address mismatch" in warnings[0]
+
+
+def test_tls_verify_false_delivers_to_any_certificate(self_signed_relay):
+    assert self_signed_relay.mailer(tls_verify=False).deliver("error", "slave: the slave is gone")
+    assert [m.subject for m in self_signed_relay.inbox.mails] == ["pyreplica tlsset ERROR"]
+
+
+def test_missing_ca_file_is_one_warning(self_signed_relay, tmp_path, warnings):
+    missing = str(tmp_path / "nope.pem")
+    assert not self_signed_relay.mailer(ca_file=missing).deliver("error", "x")
+    assert warnings == [
+        f"Could not send the error mail through {self_signed_relay.server}: CA_FILE {missing} in [SMTP] cannot be "
+        "used: No such file or directory"]
+
+
+def non_loopback_address():
+    """This host's address on a real interface (the route out), or None."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))      # no packet is sent: this only picks the outgoing address
+        except OSError:
+            return None
+        address = probe.getsockname()[0]
+    return None if address.startswith("127.") else address
+
+
+def test_a_password_is_never_sent_in_clear_to_another_host(warnings):
+    """A relay without STARTTLS that would take a login in clear text, reached over a real interface."""
+    address = non_loopback_address()
+    if address is None:
+        pytest.skip("this host has no non-loopback IPv4 address")
+    logins = []
+
+    def authenticator(server, session, envelope, mechanism, auth_data):
+        logins.append(auth_data.password)
+        return AuthResult(success=True)
+
+    inbox = Inbox()
+    controller = Controller(inbox, hostname=address, port=free_port(), auth_require_tls=False,
+                            authenticator=authenticator)
+    controller.start()
+    try:
+        mailer = Mailer(f"{address}:{controller.port}", "replica", "s3cret", "a@b", RECIPIENTS, {"error": "x"}, "n")
+        assert not mailer.deliver("error", "x")
+    finally:
+        controller.stop()
+    assert inbox.mails == [] and logins == []
+    assert warnings == [
+        f"Could not send the error mail through {address}:{controller.port}: the server offers no STARTTLS: "
+        "not sending the password in clear"]
+
+
+def test_conf_keys_ca_file_and_tls_verify(tmp_path, master, slave):
+    """Through the conf: by default the untrusted relay gets one warning line and no password, replication
+    goes on; CA_FILE = its certificate delivers; TLS_VERIFY = false delivers."""
+    cert, context = self_signed(tmp_path)
+    create_on_both(master, slave, TABLE, ["t"])
+    login = {"USERNAME": "replica", "PASSWORD": "s3cret", "FROM_ADDR": "a@b", "TO_ADDRS": ";".join(RECIPIENTS)}
+    for tls_keys, delivered in (({}, False), ({"CA_FILE": cert}, True), ({"TLS_VERIFY": "false"}, True)):
+        with LoginServer(context) as relay:
+            with console_run(tmp_path, master, slave, {"SERVER": relay.server, **login, **tls_keys}) as daemon:
+                daemon.wait_for_output("Waiting for 'NOTIFY'")
+                if delivered:
+                    relay.inbox.wait_for("pyreplica mailset started")
+                else:
+                    daemon.wait_for_output("Could not send the start mail")
+                assert daemon.stop() == 0
+        assert "Traceback" not in daemon.output
+        if delivered:
+            assert relay.inbox.subjects() == ["pyreplica mailset started", "pyreplica mailset stopped"]
+        else:
+            assert relay.inbox.mails == [] and relay.logins == []
+            assert daemon.output.count("its certificate is not trusted (self-signed certificate)") == 2  # start, stop
