@@ -16,6 +16,8 @@ import shutil
 import subprocess
 import tempfile
 
+import psycopg2.extensions
+
 from . import apply, log, master
 from .db import ReplicaError, close_quietly, connect, fetch_one, safe_text, split_password
 from .filters import Pipeline

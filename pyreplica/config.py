@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 
 import psycopg2.extensions
 
+from .db import dsn_secrets
+
 # Exit codes of every pyreplica command, the service and its workers (systemd's unit and the init
 # script map them: 2 is a bad config that retrying cannot fix).
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
-from .db import dsn_secrets
 
 
 class ConfigError(Exception):
