@@ -299,4 +299,4 @@ def test_clone_without_client_programs_is_one_line_exit_1(master, slave, tmp_pat
         f"pyreplica: pg_dump not found (in {tmp_path}/*/bin, pg_config --bindir or PATH): install the PostgreSQL "
         f"client programs of the master's major version NN or newer (Debian/Ubuntu: apt-get install "
         f"postgresql-client-NN, or postgresql-client)"))
-    assert master.scalar("SELECT count(*) FROM replica_slaves WHERE name = 'sec'") == 0     # unregistered again
+    assert master.scalar("SELECT count(*) FROM pyreplica.replica_slaves WHERE name = 'sec'") == 0     # unregistered again
