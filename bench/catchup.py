@@ -74,7 +74,7 @@ def measure(master_cluster, slave_cluster, scale, progress=print):
     for i in range(10):
         master.execute(BIG, (i, scale.catchup_big_rows))
     master.execute("INSERT INTO marker VALUES (1)")
-    events = master.scalar("SELECT count(*) FROM replica_log")
+    events = master.scalar("SELECT count(*) FROM pyreplica.replica_log")
     progress(f"catch-up: backlog of {events:,} events written in {time.perf_counter() - started:.0f} s")
     expected = master.content("cu")
     master.checkpoint()

@@ -4,8 +4,9 @@ Starts its own throw-away clusters with fsync, synchronous_commit and full_page_
   plain    wal_level = replica: master for the write-cost variants none / pyreplica / pgq
   logical  wal_level = logical: master for native replication's write cost, catch-up, latency, memory
   slave    the slaves: pyreplica's slave databases and the native subscribers
-and measures, in one run, master write cost, catch-up, latency and the daemon's memory (see each
-module's docstring for the method). Each figure is the median of `rounds` runs. Prints a table,
+and measures, in one run, master write cost (wall clock, the writer backends' CPU per transaction,
+tps at 1, 4, 8 and 16 clients), catch-up, latency and the daemon's memory (see each module's
+docstring for the method). Each figure is the median of `rounds` runs. Prints a table,
 then one line `ratios: key=value ...`.
 """
 import argparse
@@ -29,6 +30,9 @@ class Scale:
     pgbench_transactions: int = 0         # ... or transactions per client (-t) when seconds is 0
     update_rows: int = 100_000            # rows the single-row UPDATEs pick from
     bulk_rows: int = 200_000
+    cpu_seconds: float = 5                # writer CPU: the measured window inside each pgbench run
+    clients_seconds: float = 5            # tps at 1/4/8/16 clients: pgbench -T ...
+    clients_transactions: int = 0         # ... or -t when seconds is 0
     catchup_prefill: int = 10_000
     catchup_single: int = 100_000
     catchup_big_rows: int = 10_000        # x 10 transactions
@@ -41,15 +45,16 @@ class Scale:
 
 SCALES = {
     "full": Scale(),
-    "quick": Scale(pgbench_seconds=1, update_rows=20_000, bulk_rows=50_000, catchup_single=10_000,
+    "quick": Scale(pgbench_seconds=1, update_rows=20_000, bulk_rows=50_000, cpu_seconds=1.5, clients_seconds=1,
+                   catchup_single=10_000,
                    catchup_big_rows=1_000, latency_seconds=3, memory_rows=100_000, timeout=120),
     "smoke": Scale(rounds=1, pgbench_seconds=0, pgbench_transactions=20, update_rows=100, bulk_rows=1_000,
+                   cpu_seconds=0.3, clients_seconds=0, clients_transactions=10,
                    catchup_prefill=100, catchup_single=200, catchup_big_rows=20, latency_seconds=0.5,
                    latency_rate=50, memory_rows=1_000, memory_rounds=1, timeout=60),
 }
 
 HEADINGS = ("measurement", "system", "result")
-SECTIONS = (("Master write cost", "write"), ("Catch-up", "catchup"), ("Latency", "latency"), ("Memory", "memory"))
 
 
 def machine():
@@ -72,7 +77,10 @@ def print_table(sections):
 
 
 # the issue's targets first, then the figures behind them
-MAIN_RATIOS = ("write_single_insert_trigger_vs_pgq", "write_single_update_trigger_vs_pgq",
+MAIN_RATIOS = ("tps_insert_8c_vs_no_trigger", "tps_insert_16c_vs_no_trigger", "tps_update_8c_vs_no_trigger",
+               "tps_update_16c_vs_no_trigger", "write_cpu_insert_vs_pgq", "write_cpu_update_vs_pgq",
+               "write_cpu_insert_added_us", "write_cpu_insert_pgq_added_us", "write_cpu_update_added_us",
+               "write_cpu_update_pgq_added_us","write_single_insert_trigger_vs_pgq", "write_single_update_trigger_vs_pgq",
                "write_single_insert_async_trigger_vs_pgq", "write_single_update_async_trigger_vs_pgq",
                "bulk_insert_vs_no_trigger", "catchup_vs_native", "latency_p99_vs_native", "latency_p99_ms",
                "peak_rss_mb")
@@ -114,18 +122,16 @@ def main(argv=None):
         clusters.append(slave)
         progress("clusters started")
         sections, ratios = [], {}
-        for title, key in SECTIONS:
-            if key == "write":
-                rows, found = write_cost.measure(plain, logical, slave, scale, progress)
-            elif key == "catchup":
-                rows, found = catchup.measure(logical, slave, scale, progress)
-            elif key == "latency":
-                rows, found = latency.measure(logical, slave, scale, progress)
-            else:
-                rows, found = memory.measure(logical, slave, scale, progress)
-            sections.append((title, rows))
+        measures = (  # (section title, measure) or (None, measure returning its own sections)
+            (None, lambda: write_cost.measure(plain, logical, slave, scale, progress)),
+            ("Catch-up", lambda: catchup.measure(logical, slave, scale, progress)),
+            ("Latency", lambda: latency.measure(logical, slave, scale, progress)),
+            ("Memory", lambda: memory.measure(logical, slave, scale, progress)))
+        for title, measure in measures:
+            found_sections, found = measure()
+            sections += found_sections if title is None else [(title, found_sections)]
             ratios.update(found)
-            progress(f"{title.lower()} measured")
+            progress(f"{(title or 'master write cost').lower()} measured")
     finally:
         for cluster in clusters:
             cluster.destroy()
