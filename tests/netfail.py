@@ -28,6 +28,7 @@ LIFETIME = 300.0        # a proxy stops by itself after this many seconds
 
 def vanish(sock):
     """Close without telling the peer (no FIN, no RST): needs CAP_NET_ADMIN."""
+    time.sleep(1.0)     # let the server's delayed ACKs arrive first: any segment after the close gets a RST
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
     sock.close()
