@@ -111,6 +111,7 @@ def test_a_blackholed_server_is_noticed_logged_and_replication_resumes_after_the
         noticed = time.monotonic() - cut_at
         time.sleep(PEER_TIMEOUT)         # the daemon retries meanwhile (and cannot connect)
         assert daemon.proc.poll() is None, daemon.output
+        assert lines_since(daemon, mark, "Opening origin (master) connection"), daemon.output[mark:]
         net.heal(proxies[side].host)
         proxies[side].blackholed = False
         writer.stop()
