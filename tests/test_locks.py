@@ -139,7 +139,7 @@ def test_an_in_doubt_batch_stops_neither_writers_nor_reinstall_nor_drop_slave_fo
     finally:
         writer.stop()
     assert writer.errors == []
-    assert rc != 0 and took < 10, (rc, took, err)
+    assert rc != 0 and took < 5, (rc, took, err)
     problem = [line for line in err.splitlines() if "ERROR" in line]
     assert len(problem) == 1, err
     assert "pyreplica: a batch is prepared (in doubt) on this master since" in problem[0], err
@@ -149,9 +149,10 @@ def test_an_in_doubt_batch_stops_neither_writers_nor_reinstall_nor_drop_slave_fo
     started = time.monotonic()
     rc, out, err = run_cli("drop-slave", "s1", master.dsn, timeout=30)
     assert time.monotonic() - started < 10
-    assert rc == 1 and "Traceback" not in err, err
-    assert err.strip().splitlines() == [err.strip().splitlines()[-1]] and \
-        "slave s1's registration is locked by one of its batches prepared (in doubt) on the master" in err, err
+    lines = err.strip().splitlines()
+    assert rc == 1 and len(lines) == 1, err
+    assert "slave s1's registration is locked by one of its batches prepared (in doubt) on the master: settle " \
+           "it first (pyreplica recover MASTER SLAVE, or start its daemon)" in lines[0], err
 
 
 def test_status_alerts_on_a_batch_in_doubt_too_long(master, slave):

@@ -6,6 +6,7 @@ with nothing left prepared; a connection whose daemon side vanished releases the
 seconds, so a restarted daemon is not refused.
 """
 import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -22,7 +23,7 @@ KEEPALIVE = 2
 TABLE = "CREATE TABLE t (id serial PRIMARY KEY, v text)"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def net():
     reason = netns_available()
     if reason:
@@ -56,7 +57,6 @@ class ConfDaemon(Daemon):
         self.netns = netns
 
     def start(self):
-        import subprocess
         argv = [sys.executable, "-m", "pyreplica.cli", "run", *self.args]
         self.proc = subprocess.Popen(self.netns.command(argv) if self.netns else argv, cwd=ROOT, env=self.env,
                                      stdout=self.logfile, stderr=subprocess.STDOUT)
