@@ -17,7 +17,7 @@ from . import apply, log, master
 from .batch import Batch, Stopping
 from .db import ConnectionLost, ReplicaError, first_line, is_connection_error
 from .filters import Pipeline
-from .sides import Sides
+from .sides import Sides, SlaveBusy
 from .twophase import PrepareRefused
 from .wakeup import Wakeup
 
@@ -78,6 +78,15 @@ class Replicator:
                     return 1
                 if not isinstance(e, ConnectionLost) and not is_connection_error(e):
                     raise
+                self.report_outage(e)
+                self.disconnect()
+            except SlaveBusy as e:
+                if not connected_once:      # at start: really another daemon, most likely
+                    self.fatal(e)
+                    self.disconnect()
+                    return 1
+                # after an outage the holder may be our own vanished connection: the slave drops
+                # it within about PEER_TIMEOUT (sides.keepalive_settings), so wait for it
                 self.report_outage(e)
                 self.disconnect()
             except (apply.ApplyError, PrepareRefused) as e:

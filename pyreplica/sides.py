@@ -23,6 +23,11 @@ SELECT array_agg(a.attname::text) FROM pg_catalog.pg_attribute a
 SLAVE_SEARCH_PATH = "pg_catalog, public"
 
 
+class SlaveBusy(ReplicaError):
+    """Another session holds the slave's lock: another daemon, or this daemon's own earlier
+    connection that vanished (a partition), which the slave drops within about PEER_TIMEOUT."""
+
+
 def keepalive_settings(peer_timeout):
     """libpq and server settings that notice a vanished peer within about peer_timeout seconds."""
     idle = max(1, int(peer_timeout / 3))
@@ -65,7 +70,7 @@ class Sides:
         self.slave.autocommit = True
         twophase.require_two_phase_commit(self.slave, "slave")
         if not fetch_one(self.slave, SLAVE_LOCK, (self.name,)):
-            raise ReplicaError(f"another pyreplica is already replicating into this slave as {self.name}: "
+            raise SlaveBusy(f"another pyreplica is already replicating into this slave as {self.name}: "
                                f"stop it first (one daemon per slave)", "slave")
         apply.install(self.slave)
         self.cascading = bool(fetch_one(self.slave, master.INSTALLED))

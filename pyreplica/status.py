@@ -7,13 +7,16 @@ when its DSN is given, on the slave; one older than a minute is an alert (exit c
 """
 import contextlib
 import json
+import os
 
 from . import master
 from .db import ReplicaError, connect
 from .twophase import parse_gid
 
 EXIT_ALERT = 3              # monitoring: a prepared transaction has been in doubt too long
-IN_DOUBT_ALERT = 60.0       # seconds
+# seconds; only the test suite sets PYREPLICA_TEST_IN_DOUBT_ALERT (as PYREPLICA_TEST_FAULT), so that
+# it need not wait a minute: the `prepared` time of a transaction cannot be faked
+IN_DOUBT_ALERT = float(os.environ.get("PYREPLICA_TEST_IN_DOUBT_ALERT") or 60.0)
 
 IN_DOUBT = """
 SELECT gid, prepared, extract(epoch FROM now() - prepared)::float8

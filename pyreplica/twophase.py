@@ -20,9 +20,11 @@ import psycopg2
 from . import faults, log, master
 from .db import ReplicaError, fetch_one
 
+# Only the daemon's own role's: another role that prepared a look-alike gid must never have its
+# transaction settled (or taken for a fact about this slave's batches) by recovery.
 OUR_PREPARED = """
 SELECT gid FROM pg_catalog.pg_prepared_xacts
- WHERE database = pg_catalog.current_database() AND gid LIKE %s
+ WHERE database = pg_catalog.current_database() AND gid LIKE %s AND owner = CURRENT_USER
 """
 SETTINGS_CHECK = "SELECT pg_catalog.current_setting('max_prepared_transactions')::int"
 FINISH = {"COMMIT": "COMMIT PREPARED %s", "ROLLBACK": "ROLLBACK PREPARED %s"}
@@ -87,15 +89,16 @@ def _prepare(conn, side):
 def prepare_and_commit(master_conn, slave_conn, batch):
     """Finish a batch whose changes are applied (but not committed) on the slave."""
     faults.point("before_slave_prepare")
-    _prepare(slave_conn, "slave")
-    faults.point("after_slave_prepare")
     try:
+        _prepare(slave_conn, "slave")
+        faults.point("after_slave_prepare")
         with master_conn.cursor() as cur:
             master.confirm(cur, batch.slave, batch.end_snapshot, batch.batch_id, batch.applied)
         _prepare(master_conn, "master")
     except BaseException:
-        # The master never recorded the batch: undo the slave's side now rather than at the next
-        # start (recovery would roll it back too, by the same rule).
+        # The master never recorded the batch: undo both sides now (a refused PREPARE is retried
+        # on these very connections) rather than at the next start (recovery would roll the
+        # slave's side back too, by the same rule).
         for conn in (slave_conn, master_conn):
             try:
                 conn.tpc_rollback()
