@@ -306,3 +306,143 @@ def test_prune_removes_ticks_no_slave_can_step_to(table):
     table.execute("UPDATE pyreplica.replica_slaves SET confirmed = pg_current_snapshot()")
     table.execute("SELECT pyreplica.prune(5000)")
     assert ticks(table) == []
+
+
+# -- a daemon catching up ----------------------------------------------------------------------
+ACCOUNTS = 2000
+BANK_DDL = f"""
+    CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL);
+    INSERT INTO accounts SELECT g, 1000 FROM generate_series(1, {ACCOUNTS}) g;
+"""
+TRANSFER = """UPDATE accounts a SET balance = a.balance + d.delta
+                FROM unnest(%s::int[], %s::bigint[]) AS d(id, delta) WHERE a.id = d.id"""
+
+
+def transfers(master, events, writers=4, pairs=10):
+    """Bank transfers while no daemon runs: `writers` sessions, each transaction moving money
+    between `pairs` pairs of accounts (2 * pairs events); the sum of balances never changes."""
+    per_writer = events // (2 * pairs) // writers
+
+    def write(seed):
+        rng = random.Random(seed)
+        conn = master.connect(autocommit=False)
+        with conn.cursor() as cur:
+            cur.execute("SET synchronous_commit = off")
+            for _ in range(per_writer):
+                ids = rng.sample(range(3, ACCOUNTS + 1), 2 * pairs)    # 1 and 2: the long transfer's
+                amounts = [rng.randint(1, 50) for _ in range(pairs)]
+                # rows locked in id order: no deadlock between writers
+                cur.execute("SELECT FROM accounts WHERE id = ANY(%s) ORDER BY id FOR UPDATE", (ids,))
+                cur.execute(TRANSFER, (ids, amounts + [-a for a in amounts]))
+                conn.commit()
+        conn.close()
+    failed = []
+
+    def writer(seed):
+        try:
+            write(seed)
+        except Exception as e:   # noqa: BLE001 - reported by the test below
+            failed.append(e)
+    threads = [threading.Thread(target=writer, args=(seed,)) for seed in range(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failed, failed
+    return per_writer * writers * 2 * pairs
+
+
+class Checker(threading.Thread):
+    """Reads the slave every 50 ms: the sum of balances and the number of accounts never change."""
+
+    def __init__(self, slave):
+        super().__init__(daemon=True)
+        self.slave, self.stopping, self.samples, self.wrong = slave, threading.Event(), 0, []
+
+    def run(self):
+        conn = self.slave.connect()
+        with conn.cursor() as cur:
+            while not self.stopping.is_set():
+                cur.execute("SELECT sum(balance), count(*) FROM accounts")
+                seen = cur.fetchone()
+                if seen != (ACCOUNTS * 1000, ACCOUNTS):
+                    self.wrong.append(seen)
+                self.samples += 1
+                time.sleep(0.05)
+        conn.close()
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stopping.set()
+        self.join()
+
+
+def conf_daemon(master, slave, tmp_path, catchup_events):
+    conf = tmp_path / "catchup.conf"
+    conf.write_text(f"[MAIN]\nDSN0 = {master.dsn}\nDSN1 = {slave.dsn}\nKEEPALIVE = 60\n"
+                    f"CATCHUP_EVENTS = {catchup_events}\n")
+    daemon = Daemon(master, slave)
+    daemon.args = ["-c", str(conf)]
+    return daemon
+
+
+def position(slave):
+    if slave.scalar("SELECT to_regclass('pyreplica.position')") is None:
+        return 0, 0     # the daemon has not created it yet
+    rows = slave.execute("SELECT batch_id, applied FROM pyreplica.position")
+    return tuple(rows[0]) if rows else (0, 0)
+
+
+def test_catch_up_killed_every_few_seconds_commits_steps_and_converges(master, slave, tmp_path):
+    create_on_both(master, slave, BANK_DDL, ["accounts"])
+    # a transfer that stays open while the backlog is written (accounts 1 and 2, which the other
+    # writers leave alone), holding every tick's xmin back
+    long = master.connect(autocommit=False)
+    with long.cursor() as cur:
+        cur.execute(TRANSFER, ([1, 2], [7, -7]))
+    t0 = time.monotonic()
+    logged = transfers(master, 300_000)
+    print(f"\nbacklog of {logged} events written in {time.monotonic() - t0:.1f} s")
+    long.commit()
+    long.close()
+    logged += 2
+    assert master.scalar("SELECT count(*) FROM pyreplica.ticks") >= 5
+    lives, progress = 0, []
+    started = time.monotonic()
+    with Checker(slave) as checker:
+        while True:
+            daemon = conf_daemon(master, slave, tmp_path, 20_000).start()
+            time.sleep(3)
+            daemon.kill()
+            lives += 1
+            progress.append(position(slave))
+            if progress[-1][1] == logged or time.monotonic() - started > 50:
+                break
+    print(f"caught up in {time.monotonic() - started:.1f} s, {lives} lives: {progress}")
+    assert progress[-1][1] == logged, f"not converged after {lives} lives: {progress}"
+    wait_identical(master, slave, ["accounts"], timeout=10)
+    assert checker.samples > 50 and checker.wrong == [], checker.wrong[:5]
+    applied = [p[1] for p in progress]
+    # every life kept what it had committed: progress survived at least two kills mid-catch-up
+    assert sum(1 for before, after in zip([0] + applied, applied) if after > before) >= 2, progress
+    assert progress[-1][0] >= 5, progress   # committed in steps, not as one slave transaction
+    assert max(b - a for a, b in zip([0] + applied, applied)) < logged
+
+
+def test_live_replication_replays_a_small_transaction_at_once_after_a_catch_up(master, slave, tmp_path):
+    create_on_both(master, slave, BANK_DDL, ["accounts"])
+    logged = transfers(master, 100_000)
+    with conf_daemon(master, slave, tmp_path, 10_000) as daemon:
+        wait_until(lambda: position(slave)[1] == logged, timeout=40, message="the catch-up")
+        steps = position(slave)[0]
+        assert steps >= 3
+        master.execute(TRANSFER, ([5, 6], [3, -3]))
+        t0 = time.monotonic()
+        wait_identical(master, slave, ["accounts"], timeout=10)
+        took = time.monotonic() - t0
+        assert position(slave) == (steps + 1, logged + 2)   # one batch, woken by NOTIFY
+        assert daemon.stop() == 0
+    print(f"\nlive transaction replayed in {took * 1000:.0f} ms after {steps} catch-up steps")
