@@ -3,7 +3,9 @@
 A batch holds the events whose transaction is visible in the new master snapshot and not in the
 previous one, in id order. Events of transactions still open are not visible yet and come in a
 later batch; those of rolled-back transactions never become visible. xid8 comparisons are
-wraparound-safe.
+wraparound-safe. The new snapshot is the master's current one, or, when a backlog is larger than
+`max_events`, a tick (a snapshot the master recorded earlier, pyreplica.batch_end): a catch-up then
+commits in bounded steps, each a consistent cut in commit order, and `more` says another follows.
 
     step       what it does                                        if the daemon dies here, the next start
     begin      master tpc_begin, take the end snapshot             finds nothing prepared: nothing to do
@@ -38,21 +40,27 @@ class Batch:
     start_snapshot: str         # master snapshot the slave has applied up to
     token: str                  # the slave's identity token, part of the gids
     end_snapshot: str = None    # master snapshot this batch brings it to
+    more: bool = False          # a catch-up step: the master had committed more than this batch
     applied: int = 0            # events applied (after filters)
     _gids: dict = field(default_factory=dict, repr=False)
 
     # -- the steps ------------------------------------------------------------------------------
     @classmethod
-    def begin(cls, sides, position):
-        """Open the master's side and take the end snapshot; None when nothing was committed since."""
+    def begin(cls, sides, position, max_events=None):
+        """Open the master's side and choose the end snapshot: the current one, or a tick when more
+        than max_events events are pending (None: no bound). None when nothing was committed since."""
         start_snapshot, last_batch = position
         batch = cls(sides.name, last_batch + 1, start_snapshot, sides.token)
         sides.reader.tpc_begin(batch.gid("master"))
         try:
             with sides.reader.cursor() as cur:
                 # first statement of the REPEATABLE READ transaction: the event query reads with
-                # this very snapshot
-                batch.end_snapshot = master.current_snapshot(cur)
+                # this very snapshot, which contains any tick chosen as the end
+                if max_events is None:
+                    batch.end_snapshot = master.current_snapshot(cur)
+                else:
+                    current, batch.end_snapshot = master.batch_end(cur, start_snapshot, max_events)
+                    batch.more = batch.end_snapshot != current
         except BaseException:
             abandon(sides)
             raise

@@ -117,6 +117,8 @@ KEYS = [
     Key("MAIN", "TABLES", _list(","), [], "Replicate only these tables (schema.table, * and ? patterns); empty = all"),
     Key("MAIN", "BATCH_EVENTS", _whole(1), 5000, "Events sent to the slave per round trip"),
     Key("MAIN", "BATCH_BYTES", _whole(1), 8 << 20, "Bytes of SQL sent to the slave per round trip (at most)"),
+    Key("MAIN", "CATCHUP_EVENTS", _whole(1), 50000,
+        "A backlog larger than this is applied in committed steps of about this many events (ending at master ticks)"),
     Key("MAIN", "PEER_TIMEOUT", _positive, 30.0,
         "Seconds after which a server that stopped answering (network cut, half-open connection) is given up and retried"),
     Key("MAIN", "RETRY_MAX", _positive, 60.0, "Longest wait in seconds between retries after an error or a lost connection"),

@@ -16,6 +16,12 @@ SELECT qualified, schema_name, table_name, columns, written_columns, pk, is_part
   FROM pyreplica.captured_tables()
 """
 CURRENT_SNAPSHOT = "SELECT pg_catalog.pg_current_snapshot()::text"
+# The reader's snapshot and where the next batch from %(start)s ends: that snapshot, or a tick when
+# more than %(max_events)s events separate them (docs/design.md §4). One round trip, first statement.
+BATCH_END = """
+SELECT c::text, pyreplica.batch_end(%(start)s::pg_snapshot, c, %(max_events)s::bigint)::text
+  FROM (SELECT pg_catalog.pg_current_snapshot() AS c) now
+"""
 REGISTER = "SELECT pyreplica.register_slave(%s::text, %s::pg_snapshot, %s::text, %s::text)::text"
 CLAIM = "SELECT confirmed, batch_id, start_snapshot FROM pyreplica.claim_slave(%s::text, %s::text, %s::text)"
 LOG_START = "SELECT pyreplica.log_start()::text"
@@ -84,6 +90,13 @@ def captured_tables(conn):
 def current_snapshot(cur):
     cur.execute(CURRENT_SNAPSHOT)
     return cur.fetchone()[0]
+
+
+def batch_end(cur, start, max_events):
+    """(current snapshot, end snapshot of the next batch from `start`); run as the first statement
+    of the reader's REPEATABLE READ transaction, so the batch's events are read with that snapshot."""
+    cur.execute(BATCH_END, {"start": start, "max_events": max_events})
+    return cur.fetchone()
 
 
 def register(conn, name, at=None, identity=(None, None)):

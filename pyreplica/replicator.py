@@ -121,6 +121,8 @@ class Replicator:
             self.housekeeping()
             if self.stop_requested:
                 return
+            if done is not None and done.more:
+                continue        # a catch-up step was committed: the next one at once
             if done is not None and done.applied:
                 quiet = True
                 # more may have been committed meanwhile: drain NOTIFYs and go again at once
@@ -137,7 +139,7 @@ class Replicator:
     def replay_next_batch(self):
         """Replay what the master committed since the last batch. Returns the Batch, or None."""
         sides = self.sides
-        batch = Batch.begin(sides, sides.position)
+        batch = Batch.begin(sides, sides.position, self.config.CATCHUP_EVENTS)
         if batch is None:
             return None
         batch.apply(sides, self.pipeline, self.config, stopping=lambda: self.stop_requested,

@@ -9,7 +9,7 @@ from pyreplica import config
 from replication import ROOT, Daemon, create_on_both, wait_identical
 
 MAIN_KEYS = ("NAME, DSN0, DSN1, SLAVE_FIELD, SKIP_USER, KEEPALIVE, DEBUG_LEVEL, LOGFILE, PIDFILE, FILTERS, "
-             "TABLES, BATCH_EVENTS, BATCH_BYTES, PEER_TIMEOUT, RETRY_MAX")
+             "TABLES, BATCH_EVENTS, BATCH_BYTES, CATCHUP_EVENTS, PEER_TIMEOUT, RETRY_MAX")
 GOOD_MAIN = "[MAIN]\nDSN0 = dbname=m host=127.0.0.1\nDSN1 = dbname=s host=127.0.0.1\n"
 
 

@@ -4,9 +4,10 @@
 --
 -- Everything lives in the schema `pyreplica`, created and owned by the installing superuser, where
 -- no other role may create anything (docs/design.md §2): the log pyreplica.replica_log (+ sequence
--- replica_log_id_seq), the slave registry pyreplica.replica_slaves, the capture trigger function
--- py_log_replica, the functions that manage capture, and the daemon's API (register, claim, confirm,
--- touch, prune, drop, captured_tables, unapplied). Every pyreplica function carries a comment
+-- replica_log_id_seq), the slave registry pyreplica.replica_slaves, the ticks (pyreplica.ticks: the
+-- end points of catch-up steps), the capture trigger function py_log_replica, the functions that
+-- manage capture, and the daemon's API (register, claim, confirm, touch, prune, drop,
+-- captured_tables, unapplied, batch_end). Every pyreplica function carries a comment
 -- starting 'pyreplica:', which is how the REVOKE loop below and master-uninstall.sql find them.
 --
 -- The install guide's names keep working through thin entry points in schema public:
@@ -169,6 +170,22 @@ BEGIN
         REVOKE ALL ON pyreplica.log_pruned FROM PUBLIC;
         GRANT SELECT ON pyreplica.log_pruned TO pyreplica_daemon;
     END IF;
+    IF to_regclass('pyreplica.ticks') IS NULL THEN
+        -- Master snapshots recorded as time passes (PgQ's ticks): the end points a catch-up may stop
+        -- at, so that a backlog is applied in bounded, committed steps (docs/design.md §4).
+        CREATE TABLE pyreplica.ticks (
+            snapshot      pg_snapshot NOT NULL,   -- as any other session saw the master at that moment
+            snapshot_xmax xid8        NOT NULL,   -- pg_snapshot_xmax(snapshot): ticks in snapshot order
+            last_id       bigint      NOT NULL,   -- the log's sequence then: events between two ticks, about
+            ts            timestamptz NOT NULL DEFAULT clock_timestamp()
+        );
+        CREATE INDEX ticks_snapshot_xmax_idx ON pyreplica.ticks (snapshot_xmax);
+        CREATE INDEX ticks_last_id_idx ON pyreplica.ticks (last_id);
+        CREATE INDEX ticks_ts_idx ON pyreplica.ticks (ts);
+        COMMENT ON TABLE pyreplica.ticks IS 'pyreplica: master snapshots recorded as time passes, the end points of catch-up steps';
+        REVOKE ALL ON pyreplica.ticks FROM PUBLIC;
+        GRANT SELECT ON pyreplica.ticks TO pyreplica_daemon;
+    END IF;
 END
 $tables$;
 GRANT USAGE ON SCHEMA pyreplica TO pyreplica_daemon;
@@ -312,6 +329,16 @@ if plan is None:
     plan = SD[key] = (plpy.prepare(text), plpy.prepare(NOTIFY))
 if plpy.execute(plan[0]).nrows() > 0 or TD["event"] == "TRUNCATE":
     plpy.execute(plan[1])
+# A tick at most once a second per backend (pyreplica.tick): the end points of catch-up steps,
+# recorded while the master is written to, whether a daemon runs or not. One clock read per call.
+tick = SD.get("tick")
+if tick is None:
+    import time
+    tick = SD["tick"] = [time.monotonic, 0.0, plpy.prepare("SELECT pyreplica.tick()")]
+now = tick[0]()
+if now >= tick[1]:
+    tick[1] = now + 1.0
+    plpy.execute(tick[2])
 $py$;
 COMMENT ON FUNCTION pyreplica.py_log_replica() IS 'pyreplica: the capture trigger';
 
@@ -690,6 +717,103 @@ AS $fn$
 $fn$;
 COMMENT ON FUNCTION pyreplica.unapplied(pg_snapshot) IS 'pyreplica: events not visible in a slave''s snapshot';
 
+-- ---------------------------------------------------------------------------------------------
+-- Ticks: master snapshots recorded as time passes, so that a backlog is applied in bounded,
+-- committed steps, each a consistent cut in commit order (docs/design.md §4, PgQ's ticks).
+-- ---------------------------------------------------------------------------------------------
+
+-- Does snapshot `later` contain snapshot `earlier`: is every transaction visible in `earlier`
+-- visible in `later` too? Only then may a batch go from `earlier` to `later`: the events visible in
+-- `later` and not in `earlier` are then exactly the transactions that committed in between.
+CREATE OR REPLACE FUNCTION pyreplica.snapshot_covers(later pg_snapshot, earlier pg_snapshot)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE STRICT
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT pg_snapshot_xmin(earlier) <= pg_snapshot_xmin(later)
+       AND pg_snapshot_xmax(earlier) <= pg_snapshot_xmax(later)
+       AND NOT EXISTS (SELECT FROM pg_snapshot_xip(later) AS x
+                        WHERE x < pg_snapshot_xmax(earlier) AND pg_visible_in_snapshot(x, earlier));
+$fn$;
+COMMENT ON FUNCTION pyreplica.snapshot_covers(pg_snapshot, pg_snapshot) IS
+    'pyreplica: is every transaction visible in the second snapshot visible in the first';
+
+-- Record a tick, unless one was recorded less than min_gap ago. The capture trigger calls it at
+-- most once a second per backend, so a master written to records ticks also while no daemon runs
+-- (the outage a catch-up follows). The snapshot is the master as every other session saw it: inside
+-- a writing transaction PostgreSQL leaves the transaction's own xid out of the running list (to
+-- itself its writes are visible), so it is put back, else the tick would show this transaction
+-- committed before others that in fact commit earlier.
+CREATE OR REPLACE FUNCTION pyreplica.tick(min_gap interval DEFAULT interval '1 second')
+RETURNS boolean
+LANGUAGE sql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    WITH here AS (
+        SELECT pg_current_snapshot() AS s, pg_current_xact_id_if_assigned() AS me
+    ), seen AS (
+        SELECT CASE WHEN me IS NULL OR me >= pg_snapshot_xmax(s) THEN s
+                    ELSE (least(pg_snapshot_xmin(s), me)::text || ':' || pg_snapshot_xmax(s)::text || ':'
+                          || (SELECT string_agg(x::text, ',' ORDER BY x)
+                                FROM (SELECT pg_snapshot_xip(s) UNION SELECT me) AS running(x)))::pg_snapshot
+               END AS snapshot
+          FROM here
+    ), added AS (
+        INSERT INTO pyreplica.ticks (snapshot, snapshot_xmax, last_id)
+        SELECT snapshot, pg_snapshot_xmax(snapshot), (SELECT last_value FROM pyreplica.replica_log_id_seq)
+          FROM seen
+         WHERE NOT EXISTS (SELECT FROM pyreplica.ticks WHERE ts > clock_timestamp() - min_gap)
+        RETURNING 1
+    )
+    SELECT EXISTS (SELECT FROM added);
+$fn$;
+COMMENT ON FUNCTION pyreplica.tick(interval) IS 'pyreplica: record the master''s snapshot as an end point of catch-up steps';
+
+-- Where the next batch of a slave at `start` ends; `current` is the reader's snapshot. `current`
+-- while at most max_events events separate them (live replication keeps its latency); else the
+-- furthest tick at most about max_events events past the first tick after `start` (the log's
+-- sequence counts them), so a backlog is applied in bounded committed steps. A tick qualifies only
+-- when it contains `start` and `current` contains it: each step is a consistent cut in commit
+-- order, and the reader sees every event of it. Without a qualifying tick: `current`.
+CREATE OR REPLACE FUNCTION pyreplica.batch_end(start pg_snapshot, current pg_snapshot, max_events bigint)
+RETURNS pg_snapshot
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    pending bigint;
+    first   pyreplica.ticks;
+    chosen  pg_snapshot;
+BEGIN
+    SELECT count(*) INTO pending
+      FROM (SELECT FROM pyreplica.unapplied(start) l
+             WHERE l.txid < pg_snapshot_xmax(current) AND pg_visible_in_snapshot(l.txid, current)
+             LIMIT max_events + 1) p;
+    IF pending <= max_events THEN
+        RETURN current;
+    END IF;
+    SELECT * INTO first FROM pyreplica.ticks t
+     WHERE t.snapshot_xmax BETWEEN pg_snapshot_xmax(start) AND pg_snapshot_xmax(current)
+       AND t.snapshot::text <> start::text
+       AND pyreplica.snapshot_covers(t.snapshot, start) AND pyreplica.snapshot_covers(current, t.snapshot)
+     ORDER BY t.snapshot_xmax, t.last_id LIMIT 1;
+    IF NOT FOUND THEN
+        RETURN current;
+    END IF;
+    SELECT t.snapshot INTO chosen FROM pyreplica.ticks t
+     WHERE t.last_id BETWEEN first.last_id AND first.last_id + max_events
+       AND t.snapshot_xmax BETWEEN first.snapshot_xmax AND pg_snapshot_xmax(current)
+       AND t.snapshot::text <> start::text
+       AND pyreplica.snapshot_covers(t.snapshot, start) AND pyreplica.snapshot_covers(current, t.snapshot)
+     ORDER BY t.snapshot_xmax DESC, t.last_id DESC LIMIT 1;
+    RETURN coalesce(chosen, first.snapshot);
+END
+$fn$;
+COMMENT ON FUNCTION pyreplica.batch_end(pg_snapshot, pg_snapshot, bigint) IS
+    'pyreplica: the end snapshot of a slave''s next batch: now, or a tick when the backlog is large';
+
 -- Register a slave at a snapshot (default: now, the start of a guide-style dump). A name belongs to
 -- one slave: registering a name that exists needs drop_slave first.
 CREATE OR REPLACE FUNCTION pyreplica.register_slave(slave text, at pg_snapshot DEFAULT NULL,
@@ -837,6 +961,8 @@ BEGIN
     DELETE FROM pyreplica.replica_log
      WHERE id IN (SELECT id FROM pyreplica.replica_log WHERE txid < horizon ORDER BY id LIMIT batch_size);
     GET DIAGNOSTICS deleted = ROW_COUNT;
+    -- A tick below the horizon is contained in every slave's position: no slave can step to it.
+    DELETE FROM pyreplica.ticks WHERE snapshot_xmax <= horizon;
     IF deleted > 0 THEN
         INSERT INTO pyreplica.log_pruned (horizon) VALUES (horizon)
         ON CONFLICT (one) DO UPDATE SET horizon = EXCLUDED.horizon, pruned_at = now();
@@ -973,6 +1099,7 @@ BEGIN
         pyreplica.register_slave(text, pg_snapshot, text, text), pyreplica.log_start(),
         pyreplica.claim_slave(text, text, text), pyreplica.confirm(text, pg_snapshot, bigint, bigint),
         pyreplica.rewind_slave(text, pg_snapshot, bigint),
+        pyreplica.batch_end(pg_snapshot, pg_snapshot, bigint), pyreplica.snapshot_covers(pg_snapshot, pg_snapshot),
         pyreplica.touch(text), pyreplica.prune(int), pyreplica.drop_slave(text)
         TO pyreplica_daemon;
 END
