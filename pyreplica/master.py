@@ -9,7 +9,9 @@ from .db import ReplicaError, fetch_one
 CHANNEL = "replicas"                    # the capture trigger's NOTIFY channel
 SEARCH_PATH = "pg_catalog, pg_temp"     # pinned in every master session the daemon opens
 
-INSTALLED = "SELECT to_regprocedure('pyreplica.unapplied(pg_snapshot)') IS NOT NULL"
+# the newest function of master-install.sql: an older install of this layout must be re-run
+INSTALLED = "SELECT to_regprocedure('pyreplica.batch_end(pg_snapshot, pg_snapshot, bigint)') IS NOT NULL"
+ANY_INSTALL = "SELECT to_regprocedure('pyreplica.unapplied(pg_snapshot)') IS NOT NULL"
 OLD_INSTALL = "SELECT to_regprocedure('public.replica_confirm(text,pg_snapshot,bigint,bigint)') IS NOT NULL"
 CAPTURED_TABLES = """
 SELECT qualified, schema_name, table_name, columns, written_columns, pk, is_partition
@@ -74,8 +76,8 @@ def require_installed(conn):
     if fetch_one(conn, INSTALLED):
         return
     db = conn.info.dbname
-    if fetch_one(conn, OLD_INSTALL):
-        raise ReplicaError(f"the master database {db} has an older pyreplica install (in schema public): run "
+    if fetch_one(conn, OLD_INSTALL) or fetch_one(conn, ANY_INSTALL):
+        raise ReplicaError(f"the master database {db} has an older pyreplica install: run "
                            f"`psql {db} -f master-install.sql` on it as a superuser to upgrade it", "master")
     raise ReplicaError(f"the master database {db} has no pyreplica log: run "
                        f"`psql {db} -f master-install.sql` on it as a superuser", "master")
