@@ -297,7 +297,7 @@ def collect(config, name, wanted, dry_run, wait):
 
 def format_report(report):
     lines = [f"Slave {report.slave} at batch {report.batch_id}, {report.table} compared with the master at "
-             f"snapshot {report.master_snapshot}: {report.master_rows} master rows, {report.slave_rows} slave rows"]
+             f"snapshot {report.master_snapshot} ({report.master_rows} master rows, {report.slave_rows} slave rows)"]
     lines += [f"  {report.table}: {difference}" for difference in report.differences]
     counts = f"{report.inserted} inserted, {report.updated} updated, {report.deleted} deleted"
     if report.identical:

@@ -2,9 +2,11 @@
 consistent point, against real master and slave servers, with a daemon running and a writer writing."""
 import contextlib
 import json
+import re
 import threading
 import time
 
+from pyreplica import compare, config as configuration, repair
 from replication import Daemon, contents, create_on_both, run_cli, wait_identical, wait_until
 
 DDL = """
@@ -109,6 +111,29 @@ def test_repair_while_the_daemon_runs_and_a_writer_writes(master, slave):
     assert slave.scalar("SELECT v FROM t WHERE id = 5") == 'o\'brien \\ "q"'
 
 
+def test_the_daemon_waits_for_the_repair_of_its_table(master, slave, monkeypatch, capsys):
+    """A row the master commits after the repair's point reaches the slave after the repair, never
+    during it (the repair would take it for a slave-only row and delete it)."""
+    replicated(master, slave)
+    diverge(slave)
+    original = repair.repair_rows
+
+    def between_point_and_diff(*args):
+        master.execute("INSERT INTO t (id, v) VALUES (7777, 'after the point')")
+        wait_until(lambda: slave.scalar("SELECT count(*) FROM pg_locks WHERE relation = 'public.t'::regclass "
+                                        "AND NOT granted"), message="the daemon waiting for the table")
+        assert slave.scalar("SELECT count(*) FROM t WHERE id = 7777") == 0
+        return original(*args)
+
+    monkeypatch.setattr(repair, "repair_rows", between_point_and_diff)
+    with Daemon(master, slave, name="s1") as daemon:
+        assert repair.repair(configuration.from_args(master.dsn, slave.dsn), "s1", "t", as_json=True) == 0
+        assert counts(json.loads(capsys.readouterr().out)) == (1, 4, 1)
+        wait_identical(master, slave, ["t"])
+        assert "conflict" not in daemon.output, daemon.output
+    assert slave.scalar("SELECT v FROM t WHERE id = 7777") == "after the point"
+
+
 def test_dry_run_changes_nothing_and_reports_what_repair_then_does(master, slave):
     replicated(master, slave)
     diverge(slave)
@@ -128,8 +153,8 @@ def test_dry_run_changes_nothing_and_reports_what_repair_then_does(master, slave
     assert code == 0 and out.splitlines()[-1] == "public.t identical: nothing to repair"
 
 
-def test_repair_of_many_rows_in_batches(master, slave):
-    """Thousands of differences (more than one batch each way): flat memory, same result."""
+def test_repair_of_many_rows_in_batches(master, slave, monkeypatch, capsys):
+    """Thousands of differences (more than one batch each way): same result, progress lines meanwhile."""
     replicated(master, slave)
     master.execute("INSERT INTO t (id, v) SELECT g, 'many' FROM generate_series(200, 2700) g")
     with Daemon(master, slave, name="s1") as daemon:
@@ -137,10 +162,15 @@ def test_repair_of_many_rows_in_batches(master, slave):
         assert daemon.stop() == 0
     slave.execute("DELETE FROM t WHERE id BETWEEN 200 AND 1500; UPDATE t SET v = 'x' WHERE id > 1500; "
                   "INSERT INTO t (id) SELECT g FROM generate_series(10000, 11200) g")
-    code, report, err = repair_json(master, slave, "t")
-    assert code == 0, err
-    assert counts(report) == (1301, 1200, 1201)
+    monkeypatch.setattr(compare, "PROGRESS_EVERY", 0.01)     # "every few seconds" for a big table
+    config = configuration.from_args(master.dsn, slave.dsn)
+    assert repair.repair(config, "s1", "t", as_json=True) == 0
+    out, err = capsys.readouterr()
+    assert counts(json.loads(out)) == (1301, 1200, 1201)
     assert contents(slave, "t") == contents(master, "t")
+    progress_lines = err.splitlines()
+    assert progress_lines and all(re.fullmatch(r"repair: public\.t: \d+ master rows compared, \d+ differences, "
+                                               r"\d+ s", line) for line in progress_lines), err
 
 
 def test_repair_waits_for_the_table_events_only(master, slave):
