@@ -51,6 +51,14 @@ def build_parser():
     sub.choices["compare"].add_argument("--wait", type=float, default=30.0, metavar="SECONDS",
                                         help="how long to wait for the slave to catch up with the master (default 30)")
 
+    repair = sub.add_parser("repair", help="make one diverged table on the slave equal to the master's, online")
+    add_server_args(repair)
+    repair.add_argument("table", metavar="TABLE", help="the table to repair: name or schema.name")
+    repair.add_argument("--dry-run", action="store_true", help="report the differences, change nothing")
+    repair.add_argument("--json", action="store_true", help="machine-readable output")
+    repair.add_argument("--wait", type=float, default=30.0, metavar="SECONDS",
+                        help="how long to wait for the slave to catch up on that table (default 30)")
+
     sub.add_parser("demo", help="two throw-away clusters: install, write, replicate, status, compare")
 
     from .daemon import add_arguments as add_service_arguments
@@ -133,6 +141,16 @@ def cmd_compare(args):
     return compare(config, configuration.slave_name(config, args.name), args.json, wait=args.wait)
 
 
+def cmd_repair(args):
+    from .repair import repair
+    if "=" in args.table or "://" in args.table:
+        # `repair MASTER SLAVE` without TABLE: argparse took the slave's connection string for it
+        raise ConfigError("give the TABLE to repair after the connection strings")
+    config = load_config(args)
+    return repair(config, configuration.slave_name(config, args.name), args.table, args.dry_run, args.json,
+                  wait=args.wait)
+
+
 def cmd_demo(args):
     from .demo import demo
     return demo()
@@ -145,7 +163,7 @@ def cmd_service(args):
 
 COMMANDS = {"run": cmd_run, "clone": cmd_clone, "drop-slave": cmd_drop_slave, "register": cmd_register,
             "recover": cmd_recover, "status": cmd_status,
-            "compare": cmd_compare, "demo": cmd_demo, "service": cmd_service}
+            "compare": cmd_compare, "repair": cmd_repair, "demo": cmd_demo, "service": cmd_service}
 
 
 def main(argv=None):

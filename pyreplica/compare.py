@@ -17,6 +17,7 @@ differing rows.
 """
 import concurrent.futures
 import contextlib
+import itertools
 import json
 import time
 
@@ -72,11 +73,14 @@ class Table:
               FROM (SELECT {row} AS h FROM {table} t) s""").format(
             row=self.row_hash(self.columns), table=self.ident)
 
-    def rows_query(self):
+    def rows_query(self, with_keys=False):
+        """(key text, row md5) in key order; with_keys adds each key column as text, to address the row
+        (`pyreplica repair`)."""
         # C collation: the same order on both sides, and Python's str order (code points)
         key = self.row_text(self.pk)
-        return sql.SQL('SELECT {key}, {row} FROM {table} t ORDER BY {key} COLLATE "C"').format(
-            key=key, row=self.row_hash(self.columns), table=self.ident)
+        keys = [sql.SQL("{}::text").format(sql.Identifier(c)) for c in self.pk] if with_keys else []
+        return sql.SQL('SELECT {columns} FROM {table} t ORDER BY {key} COLLATE "C"').format(
+            columns=sql.SQL(", ").join([key, self.row_hash(self.columns), *keys]), key=key, table=self.ident)
 
 
 def replicated_tables(conn, patterns):
@@ -158,23 +162,37 @@ def streamed(conn, query, cursor_name):
         yield from cur
 
 
-def first_differences(master, slave, table, limit=SHOW_DIFFERENCES):
-    """The first rows (by primary key) that differ: merge of both sides' (key, md5) streams."""
-    mine = streamed(master, table.rows_query(), "pyreplica_compare_m")
-    theirs = streamed(slave, table.rows_query(), "pyreplica_compare_s")
+def merged(mine, theirs):
+    """Merge both sides' (key, md5, ...) streams, each in key order: yields (master row, slave row) for
+    every key that differs, None for the side that lacks it."""
     m, s = next(mine, None), next(theirs, None)
-    found = []
-    while (m or s) and len(found) < limit:
+    while m or s:
         if s is None or (m is not None and m[0] < s[0]):
-            found.append(f"{m[0]} only on the master")
+            yield m, None
             m = next(mine, None)
         elif m is None or s[0] < m[0]:
-            found.append(f"{s[0]} only on the slave")
+            yield None, s
             s = next(theirs, None)
         else:
             if m[1] != s[1]:
-                found.append(f"{m[0]} differs")
+                yield m, s
             m, s = next(mine, None), next(theirs, None)
+
+
+def describe(m, s):
+    """One difference as `compare` and `repair` name it."""
+    if s is None:
+        return f"{m[0]} only on the master"
+    if m is None:
+        return f"{s[0]} only on the slave"
+    return f"{m[0]} differs"
+
+
+def first_differences(master, slave, table, limit=SHOW_DIFFERENCES):
+    """The first rows (by primary key) that differ."""
+    mine = streamed(master, table.rows_query(), "pyreplica_compare_m")
+    theirs = streamed(slave, table.rows_query(), "pyreplica_compare_s")
+    found = [describe(m, s) for m, s in itertools.islice(merged(mine, theirs), limit)]
     mine.close()
     theirs.close()
     return found
