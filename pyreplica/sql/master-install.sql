@@ -576,7 +576,8 @@ COMMENT ON FUNCTION pyreplica.py_log_drop_tg(text) IS 'pyreplica: stop capturing
 -- partitioned table), renew the column signature of its triggers and its partitions' triggers
 -- where it changed, so that every backend prepares a new capture query (a cached one would miss
 -- an added column), and put triggers on a partition just created or attached. A new inheritance
--- child of a replicated table is refused: its rows would never be captured.
+-- child of a replicated table is refused (its rows would never be captured), and so is a new
+-- parent of one.
 CREATE OR REPLACE FUNCTION pyreplica.py_log_replica_ddl()
 RETURNS event_trigger
 LANGUAGE plpgsql
@@ -587,6 +588,7 @@ DECLARE
     root   regclass;
     member regclass;
     parent regclass;
+    child  regclass;
 BEGIN
     SELECT i.inhparent INTO parent
       FROM pg_event_trigger_ddl_commands() d
@@ -598,6 +600,19 @@ BEGIN
     IF parent IS NOT NULL THEN
         RAISE EXCEPTION 'pyreplica: table % is replicated and cannot get inheritance children (their rows would not be replicated)', parent
             USING HINT = 'Use a partitioned table, or stop replicating it first: SELECT py_log_drop_tg(...);';
+    END IF;
+    -- Nor may a replicated table become a child (ALTER TABLE ... INHERIT): a statement on the
+    -- parent changes its rows without firing its statement triggers.
+    SELECT d.objid::regclass INTO child
+      FROM pg_event_trigger_ddl_commands() d
+      JOIN pg_inherits i ON i.inhrelid = d.objid
+      JOIN pg_class c ON c.oid = d.objid
+     WHERE d.classid = 'pg_class'::regclass AND NOT c.relispartition
+       AND pyreplica.py_log_is_captured(d.objid)
+     LIMIT 1;
+    IF child IS NOT NULL THEN
+        RAISE EXCEPTION 'pyreplica: table % is replicated and cannot inherit from another table (rows changed through the parent would not be replicated)', child
+            USING HINT = 'Stop replicating it first: SELECT py_log_drop_tg(...);';
     END IF;
     FOR root IN SELECT DISTINCT coalesce(pg_partition_root(objid), objid)::regclass
                   FROM pg_event_trigger_ddl_commands()
