@@ -211,18 +211,18 @@ def alone_candidates(master_conn, batch, skip_user=None):
 
 
 def before_batch(slave_conn, master_conn, batch, to_events, skip_user=None):
-    """What happens on the slave before a batch's transaction: the pending skips are read, and the
-    statements that must run alone run (each committed). to_events makes the log's rows the events
-    the slave takes (filters applied). Returns the skips {event id: txid}. The slave's connection is
-    left outside any transaction, also when this fails."""
+    """Run, before a batch's transaction, its statements that must run alone (each committed), but
+    not one skip-event named. to_events makes the log's rows the events the slave takes (filters
+    applied). Costs one master query when there is none. The slave's connection is left outside
+    any transaction, also when this fails."""
+    rows = alone_candidates(master_conn, batch, skip_user)
+    if not rows:
+        return
     try:
         with slave_conn.cursor() as cur:
             skips = pending_skips(cur, batch.slave)
         slave_conn.commit()
-        rows = [row for row in alone_candidates(master_conn, batch, skip_user) if skips.get(row[0]) != row[1]]
-        if rows:
-            run_alone(slave_conn, to_events(rows))
-        return skips
+        run_alone(slave_conn, to_events([row for row in rows if skips.get(row[0]) != row[1]]))
     except BaseException:
         if not slave_conn.closed:
             try:

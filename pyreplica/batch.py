@@ -69,10 +69,11 @@ class Batch:
         out and marked skipped in the batch's transaction (self.skipped, for the caller's mail)."""
         self.skipped = []
         try:
-            skips = apply.before_batch(sides.slave, sides.reader, self,
-                                       lambda rows: pipeline([Event(*row) for row in rows]), settings.SKIP_USER)
+            apply.before_batch(sides.slave, sides.reader, self,
+                               lambda rows: pipeline([Event(*row) for row in rows]), settings.SKIP_USER)
             sides.slave.tpc_begin(self.gid("slave"))
             with sides.slave.cursor() as cur:
+                skips = apply.pending_skips(cur, self.slave)
                 events = stream_events(sides.reader, self, settings.SKIP_USER, settings.BATCH_EVENTS,
                                        settings.BATCH_BYTES)
                 with ReadAhead(events) as chunks:
