@@ -182,8 +182,8 @@ def run_alone(slave_conn, events):
     one, before the batch's transaction begins (docs/design.md §6). Idempotent, so a retried batch,
     or a value an administrator added by hand, is no error; in the batch the event runs again in its
     place (a no-op then). One that fails here (its type is created earlier in the same batch) is
-    left to its place, where it either works (a value added to a type created in the same
-    transaction may be used) or fails naming the event as any other statement."""
+    left to its place, where it works unless the same batch uses the value: then replay stops
+    naming the event, and README says the way out (create the type by hand, skip-event)."""
     for event in events:
         sql = alone_sql(event)
         if sql is None:
