@@ -1,14 +1,20 @@
-"""Administrative commands: register, drop-slave, recover (docs/design.md §6, §5)."""
+"""Administrative commands: register, drop-slave, recover, skip-event (docs/design.md §6, §5)."""
 import contextlib
 
 import psycopg2
 
-from . import log, master
+from . import apply, log, master
 from .db import ReplicaError, connect, first_line
 from .filters import Pipeline
 from .sides import Sides
 
 LOCK_TIMEOUT = "5s"     # a registry row locked by an in-doubt batch must not hang the command
+
+SKIP_ON_MASTER = "SELECT event_txid, description FROM pyreplica.skip_event(%s::text, %s::bigint)"
+SKIP_ON_SLAVE = """
+INSERT INTO pyreplica.skipped_events (slave, event_id, txid, described) VALUES (%s, %s, %s::xid8, %s)
+ON CONFLICT (slave, event_id) DO NOTHING
+"""
 
 
 @contextlib.contextmanager
@@ -58,4 +64,26 @@ def recover(config, name):
     finally:
         sides.close()
     print(f"slave {name}: nothing in doubt; the slave and the master's record agree at batch {batch_id}")
+    return 0
+
+
+def skip_event(config, name, event_id):
+    """Tell slave `name`'s daemon to skip exactly event `event_id`, recorded on both sides: first on
+    the master, which refuses an event not pending for this slave, then on the slave, where the
+    daemon reads it. Running it again is harmless (e.g. after the slave's side failed)."""
+    with master_session(config.DSN0) as conn:
+        try:
+            with conn.cursor() as cur:
+                cur.execute(SKIP_ON_MASTER, (name, event_id))
+                txid, described = cur.fetchone()
+        except psycopg2.Error as e:
+            raise ReplicaError(first_line(e).removeprefix("ERROR:").strip().removeprefix("pyreplica: "),
+                               "master") from e
+    with contextlib.closing(connect(config.DSN1, "slave")) as conn:
+        conn.autocommit = True
+        apply.install(conn)
+        with conn.cursor() as cur:
+            cur.execute(SKIP_ON_SLAVE, (name, event_id, txid, described))
+    print(f"event {event_id} ({described}) will be skipped by slave {name}: recorded on the master and on the "
+          f"slave; its daemon leaves it out of its next batch (and logs and mails it)")
     return 0

@@ -6,8 +6,8 @@ from typing import NamedTuple
 
 import psycopg2
 
-from . import SQL_DIR
-from .db import ReplicaError
+from . import SQL_DIR, log, master
+from .db import ReplicaError, is_connection_error
 
 # Session settings for replay. The logged literals do not depend on them (the capture pins its
 # own), but administrator's SQL and money/xml input do; replica role keeps the slave's triggers
@@ -25,7 +25,7 @@ SET xmloption = content;
 """
 
 # slave-install.sql stamps this on pyreplica.apply_events; bump both together when the script changes.
-SLAVE_SCHEMA_VERSION = "pyreplica slave schema 2"
+SLAVE_SCHEMA_VERSION = "pyreplica slave schema 3"
 APPLY_EVENTS_SIGNATURE = "pyreplica.apply_events(bigint[], text[], text[], text[], integer[])"
 SLAVE_SCHEMA_CURRENT = """
 SELECT to_regclass('pyreplica.position') IS NOT NULL
@@ -86,6 +86,29 @@ SELECT quote_ident(attname), format_type(atttypid, -1) FROM pg_attribute
  WHERE attrelid = to_regclass(%s) AND attnum > 0 AND NOT attisdropped
 """
 
+# An administrator's statement that must not run in the batch's transaction (docs/design.md §6): a
+# value ALTER TYPE ... ADD VALUE adds cannot be used in the transaction that added it (55P04), and
+# one batch may hold both. Only an event that is exactly this one statement qualifies (a string
+# with more statements would run its other ones twice). Group 1 is everything before the value, so
+# that IF NOT EXISTS can be put in when missing.
+_NAME = r'(?:"(?:[^"]|"")*"|[A-Za-z_][A-Za-z0-9_$]*)'
+_ENUM_LABEL = r"(?:[Ee]'(?:[^'\\]|\\.|'')*'|'(?:[^']|'')*')"
+ADD_VALUE = re.compile(rf"(\s*ALTER\s+TYPE\s+{_NAME}(?:\s*\.\s*{_NAME})?\s+ADD\s+VALUE\s+)(IF\s+NOT\s+EXISTS\s+)?"
+                       rf"({_ENUM_LABEL}(?:\s+(?:BEFORE|AFTER)\s+{_ENUM_LABEL})?\s*;?\s*)", re.I)
+
+# The batch's candidates for running alone, read in the batch's own master transaction (the same
+# snapshot as its event stream); apply.run_alone decides from the full statement.
+ALONE_CANDIDATES = (f"SELECT * FROM ({master.BATCH_EVENTS}) e "
+                    r"WHERE e.op = 'S' AND e.sql ~* '^\s*alter\s+type\s'")
+
+PENDING_SKIPS = """
+SELECT event_id, txid::text FROM pyreplica.skipped_events WHERE slave = %s AND skipped_at IS NULL
+"""
+MARK_SKIPPED = """
+UPDATE pyreplica.skipped_events SET skipped_at = now(), batch_id = %s
+ WHERE slave = %s AND event_id = %s AND skipped_at IS NULL
+"""
+
 VERBS = {"I": "INSERT", "U": "UPDATE", "D": "DELETE", "T": "TRUNCATE"}
 # A DETAIL that quotes a whole row (CHECK, NOT NULL, partition routing): shown from DEBUG_LEVEL 2 only.
 ROW_DETAIL = re.compile(r"failing row contains", re.I)
@@ -144,9 +167,101 @@ def start_session(slave_cur):
             "GRANT SET ON PARAMETER session_replication_role TO <role> (PostgreSQL 15+)", "slave") from e
 
 
+# -- statements that run alone, skipped events ----------------------------------------------------
+def alone_sql(event):
+    """The statement to run in its own committed transaction before the event's batch, made
+    idempotent (ALTER TYPE ... ADD VALUE IF NOT EXISTS); None for every other event."""
+    match = ADD_VALUE.fullmatch(event.sql) if event.op == "S" else None
+    if match is None:
+        return None
+    return f"{match.group(1)}IF NOT EXISTS {match.group(3)}"
+
+
+def run_alone(slave_conn, events):
+    """Run the statements of a batch that must not share its transaction, each in its own committed
+    one, before the batch's transaction begins (docs/design.md §6). Idempotent, so a retried batch,
+    or a value an administrator added by hand, is no error; in the batch the event runs again in its
+    place (a no-op then). One that fails here (its type is created earlier in the same batch) is
+    left to its place, where it works unless the same batch uses the value: then replay stops
+    naming the event, and README says the way out (create the type by hand, skip-event)."""
+    for event in events:
+        sql = alone_sql(event)
+        if sql is None:
+            continue
+        try:
+            with slave_conn.cursor() as cur:
+                cur.execute(sql)
+            slave_conn.commit()
+        except psycopg2.DatabaseError as e:
+            slave_conn.rollback()
+            if is_connection_error(e):
+                raise
+            log.get().info("Event %s could not run before its batch (%s): it runs in its place",
+                           event.id, (e.diag.message_primary or str(e)).strip())
+            continue
+        log.get().info("Event %s (%s) committed in its own transaction, before its batch", event.id, sql.strip())
+
+
+def alone_candidates(master_conn, batch, skip_user=None):
+    """The batch's events that may have to run alone, read in its master transaction."""
+    with master_conn.cursor() as cur:
+        cur.execute(ALONE_CANDIDATES, {"start": batch.start_snapshot, "end": batch.end_snapshot,
+                                       "skip_user": skip_user or None})
+        return cur.fetchall()
+
+
+def before_batch(slave_conn, master_conn, batch, to_events, skip_user=None):
+    """Run, before a batch's transaction, its statements that must run alone (each committed), but
+    not one skip-event named. to_events makes the log's rows the events the slave takes (filters
+    applied). Costs one master query when there is none. The slave's connection is left outside
+    any transaction, also when this fails."""
+    rows = alone_candidates(master_conn, batch, skip_user)
+    if not rows:
+        return
+    try:
+        with slave_conn.cursor() as cur:
+            skips = pending_skips(cur, batch.slave)
+        slave_conn.commit()
+        run_alone(slave_conn, to_events([row for row in rows if skips.get(row[0]) != row[1]]))
+    except BaseException:
+        if not slave_conn.closed:
+            try:
+                slave_conn.rollback()
+            except psycopg2.Error:
+                pass
+        raise
+
+
+def pending_skips(slave_cur, slave):
+    """{event id: its transaction} that skip-event told this slave to skip and no batch has yet."""
+    slave_cur.execute(PENDING_SKIPS, (slave,))
+    return dict(slave_cur.fetchall())
+
+
+def describe(event):
+    return f"{VERBS.get(event.op, 'SQL')} on {event.relname or '-'}"
+
+
+def take_skips(slave_cur, events, skips, batch_id, slave):
+    """(events to apply, events skipped): an event is skipped only when skip-event named its id AND
+    its transaction; each skipped one is marked on the slave in the batch's transaction and logged."""
+    if not skips:
+        return events, []
+    kept, skipped = [], []
+    for event in events:
+        if skips.get(event.id) != event.txid:
+            kept.append(event)
+            continue
+        log.get().warning("Skipping event %s (%s) as told by skip-event", event.id, describe(event))
+        slave_cur.execute(MARK_SKIPPED, (batch_id, slave, event.id))
+        skipped.append(event)
+    return kept, skipped
+
+
 # -- planning -----------------------------------------------------------------------------------
 def one_statement(event):
-    return Statement(event.id, event.op, event.relname, event.sql, 1)
+    # an administrator's statement that ran alone before the batch runs again here, idempotent
+    return Statement(event.id, event.op, event.relname, alone_sql(event) or event.sql, 1)
 
 
 def merge_truncates(events):

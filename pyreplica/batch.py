@@ -70,16 +70,26 @@ class Batch:
         return batch
 
     def apply(self, sides, pipeline, settings, stopping=lambda: False, progress=lambda b: None):
-        """Replay the batch's events into the slave's open transaction, and its new position."""
+        """Replay the batch's events into the slave's open transaction, and its new position.
+
+        First, in their own committed transactions, the administrator's statements that must not
+        share the batch's (apply.run_alone, docs/design.md §6). Events skip-event named are left
+        out and marked skipped in the batch's transaction (self.skipped, for the caller's mail)."""
+        self.skipped = []
         try:
+            apply.before_batch(sides.slave, sides.reader, self,
+                               lambda rows: pipeline([Event(*row) for row in rows]), settings.SKIP_USER)
             sides.slave.tpc_begin(self.gid("slave"))
             with sides.slave.cursor() as cur:
+                skips = apply.pending_skips(cur, self.slave)
                 events = stream_events(sides.reader, self, settings.SKIP_USER, settings.BATCH_EVENTS,
                                        settings.BATCH_BYTES)
                 with ReadAhead(events) as chunks:
                     for chunk in chunks:
                         if stopping():
                             raise Stopping()
+                        chunk, skipped = apply.take_skips(cur, chunk, skips, self.batch_id, self.slave)
+                        self.skipped += skipped
                         chunk = pipeline(chunk)
                         if settings.DEBUG_LEVEL >= 2:
                             for event in chunk:

@@ -43,6 +43,11 @@ def build_parser():
     recover = sub.add_parser("recover", help="settle a slave's in-doubt prepared batches, without replicating")
     add_server_args(recover)
 
+    skip = sub.add_parser("skip-event", help="skip exactly one event a slave cannot replay (on purpose, recorded "
+                                             "on both sides)")
+    skip.add_argument("event_id", metavar="ID", type=int, help="the event's id, as 'conflict at event ID' names it")
+    add_server_args(skip)
+
     for name, text in (("status", "per slave: position, lag, last contact, in-doubt transactions"),
                        ("compare", "row counts and content hashes of every replicated table on both sides")):
         cmd = sub.add_parser(name, help=text)
@@ -124,6 +129,12 @@ def cmd_recover(args):
     return recover(config, name)
 
 
+def cmd_skip_event(args):
+    from .admin import skip_event
+    config = load_config(args)
+    return skip_event(config, configuration.slave_name(config, args.name), args.event_id)
+
+
 def cmd_status(args):
     from .status import status
     if not args.config and not args.slave and not os.environ.get("DSN1"):
@@ -162,7 +173,7 @@ def cmd_service(args):
 
 
 COMMANDS = {"run": cmd_run, "clone": cmd_clone, "drop-slave": cmd_drop_slave, "register": cmd_register,
-            "recover": cmd_recover, "status": cmd_status,
+            "recover": cmd_recover, "skip-event": cmd_skip_event, "status": cmd_status,
             "compare": cmd_compare, "repair": cmd_repair, "demo": cmd_demo, "service": cmd_service}
 
 

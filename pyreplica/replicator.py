@@ -145,6 +145,9 @@ class Replicator:
         batch.apply(sides, self.pipeline, self.config, stopping=lambda: self.stop_requested,
                     progress=self.show_progress)
         batch.finish(sides)
+        for event in batch.skipped:     # committed: now the skip has happened (skip-event)
+            self.mail("warning", f"Skipped event {event.id} ({apply.describe(event)}) as told by skip-event: "
+                                 f"batch {batch.batch_id} committed without it")
         if batch.applied and sides.cascading:
             self.notify_slave_listeners()
         sides.position = (batch.end_snapshot, batch.batch_id)

@@ -606,7 +606,8 @@ COMMENT ON FUNCTION pyreplica.py_log_drop_tg(text) IS 'pyreplica: stop capturing
 -- partitioned table), renew the column signature of its triggers and its partitions' triggers
 -- where it changed, so that every backend prepares a new capture query (a cached one would miss
 -- an added column), and put triggers on a partition just created or attached. A new inheritance
--- child of a replicated table is refused: its rows would never be captured.
+-- child of a replicated table is refused (its rows would never be captured), and so is a new
+-- parent of one.
 CREATE OR REPLACE FUNCTION pyreplica.py_log_replica_ddl()
 RETURNS event_trigger
 LANGUAGE plpgsql
@@ -617,6 +618,7 @@ DECLARE
     root   regclass;
     member regclass;
     parent regclass;
+    child  regclass;
 BEGIN
     SELECT i.inhparent INTO parent
       FROM pg_event_trigger_ddl_commands() d
@@ -628,6 +630,19 @@ BEGIN
     IF parent IS NOT NULL THEN
         RAISE EXCEPTION 'pyreplica: table % is replicated and cannot get inheritance children (their rows would not be replicated)', parent
             USING HINT = 'Use a partitioned table, or stop replicating it first: SELECT py_log_drop_tg(...);';
+    END IF;
+    -- Nor may a replicated table become a child (ALTER TABLE ... INHERIT): a statement on the
+    -- parent changes its rows without firing its statement triggers.
+    SELECT d.objid::regclass INTO child
+      FROM pg_event_trigger_ddl_commands() d
+      JOIN pg_inherits i ON i.inhrelid = d.objid
+      JOIN pg_class c ON c.oid = d.objid
+     WHERE d.classid = 'pg_class'::regclass AND NOT c.relispartition
+       AND pyreplica.py_log_is_captured(d.objid)
+     LIMIT 1;
+    IF child IS NOT NULL THEN
+        RAISE EXCEPTION 'pyreplica: table % is replicated and cannot inherit from another table (rows changed through the parent would not be replicated)', child
+            USING HINT = 'Stop replicating it first: SELECT py_log_drop_tg(...);';
     END IF;
     FOR root IN SELECT DISTINCT coalesce(pg_partition_root(objid), objid)::regclass
                   FROM pg_event_trigger_ddl_commands()
@@ -983,6 +998,65 @@ AS $fn$
 $fn$;
 COMMENT ON FUNCTION pyreplica.drop_slave(text) IS 'pyreplica: forget a slave';
 
+-- An event an administrator told a slave to skip (pyreplica skip-event): the master's record of the
+-- request (the slave keeps its own, marked when a committed batch left the event out). Validated
+-- here: the slave is registered and the event is in the log and not yet applied by it.
+DO $skipped$
+BEGIN
+    IF to_regclass('pyreplica.skipped_events') IS NULL THEN
+        CREATE TABLE pyreplica.skipped_events (
+            slave        text        NOT NULL,
+            event_id     bigint      NOT NULL,
+            txid         xid8        NOT NULL,
+            op           "char"      NOT NULL,
+            relname      text,
+            requested_by name        NOT NULL DEFAULT session_user,
+            requested_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (slave, event_id)
+        );
+        COMMENT ON TABLE pyreplica.skipped_events IS 'pyreplica: events an administrator told a slave to skip (skip-event)';
+        REVOKE ALL ON pyreplica.skipped_events FROM PUBLIC;
+        GRANT SELECT ON pyreplica.skipped_events TO pyreplica_daemon;
+    END IF;
+END
+$skipped$;
+
+CREATE OR REPLACE FUNCTION pyreplica.skip_event(slave text, event bigint, OUT event_txid text, OUT description text)
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    s pyreplica.replica_slaves;
+    e pyreplica.replica_log;
+BEGIN
+    -- no row lock: the batch stuck at this event may be in doubt and hold one
+    SELECT * INTO s FROM pyreplica.replica_slaves r WHERE r.name = skip_event.slave;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pyreplica: no slave named "%" is registered on this master', slave
+            USING HINT = 'Check the name (--name, or the slave''s database name).';
+    END IF;
+    SELECT * INTO e FROM pyreplica.replica_log l WHERE l.id = skip_event.event;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pyreplica: event % is not in the master''s log (never logged, or applied by every slave and pruned)', event
+            USING HINT = 'Give the id of the event replay stopped at, as the daemon''s "conflict at event N" line names it.';
+    END IF;
+    IF pg_visible_in_snapshot(e.txid, s.confirmed) THEN
+        RAISE EXCEPTION 'pyreplica: event % is not pending for slave "%": it applied it already (its position is batch %)', event, slave, s.batch_id
+            USING HINT = 'Give the id of the event replay stopped at, as the daemon''s "conflict at event N" line names it.';
+    END IF;
+    INSERT INTO pyreplica.skipped_events (slave, event_id, txid, op, relname)
+    VALUES (s.name, e.id, e.txid, e.op, e.relname)
+    ON CONFLICT ON CONSTRAINT skipped_events_pkey DO NOTHING;
+    event_txid := e.txid::text;
+    description := format('%s on %s', CASE e.op WHEN 'I' THEN 'INSERT' WHEN 'U' THEN 'UPDATE' WHEN 'D' THEN 'DELETE'
+                                                 WHEN 'T' THEN 'TRUNCATE' ELSE 'SQL' END,
+                          coalesce(e.relname, '-'));
+END
+$fn$;
+COMMENT ON FUNCTION pyreplica.skip_event(text, bigint) IS
+    'pyreplica: record that a slave is to skip one pending event (pyreplica skip-event)';
+
 -- ---------------------------------------------------------------------------------------------
 -- Upgrade of an install in schema public (pyreplica 1, or the original PyReplica's replica_log,
 -- owned by a superuser: checked above): the log's rows and the registry move over, the capture
@@ -1100,7 +1174,8 @@ BEGIN
         pyreplica.claim_slave(text, text, text), pyreplica.confirm(text, pg_snapshot, bigint, bigint),
         pyreplica.rewind_slave(text, pg_snapshot, bigint),
         pyreplica.batch_end(pg_snapshot, pg_snapshot, bigint), pyreplica.snapshot_covers(pg_snapshot, pg_snapshot),
-        pyreplica.touch(text), pyreplica.prune(int), pyreplica.drop_slave(text)
+        pyreplica.touch(text), pyreplica.prune(int), pyreplica.drop_slave(text),
+        pyreplica.skip_event(text, bigint)
         TO pyreplica_daemon;
 END
 $grants$;

@@ -19,6 +19,22 @@ CREATE TABLE IF NOT EXISTS pyreplica.position (
     updated_at timestamptz NOT NULL DEFAULT now()
 );
 
+-- Events an administrator told this slave to skip (pyreplica skip-event), never chosen by the daemon:
+-- the daemon leaves out exactly the event with this id and transaction, and marks the row in the
+-- very transaction of the batch that skipped it (docs/design.md §6). The master keeps its own record
+-- (pyreplica.skipped_events there).
+CREATE TABLE IF NOT EXISTS pyreplica.skipped_events (
+    slave        text        NOT NULL,          -- this slave's name on the master
+    event_id     bigint      NOT NULL,          -- the event's id in the master's log
+    txid         xid8        NOT NULL,          -- its transaction: an id never stands for another event
+    described    text        NOT NULL,          -- e.g. 'UPDATE on public.t'
+    requested_by text        NOT NULL DEFAULT session_user,
+    requested_at timestamptz NOT NULL DEFAULT now(),
+    skipped_at   timestamptz,                   -- NULL until a committed batch has left it out
+    batch_id     bigint,                        -- that batch
+    PRIMARY KEY (slave, event_id)
+);
+
 -- Apply a chunk of statements in one round trip, checking each: an INSERT, UPDATE or DELETE must
 -- touch exactly rows[i] rows (1 for one event; k for k merged events), else it is a conflict,
 -- SQLSTATE PR001 (apply.py's ROW_COUNT_CONFLICT). A failure is returned as data, not raised: the
@@ -63,4 +79,4 @@ $fn$;
 
 -- apply.install() runs this script only when this marker (apply.py's SLAVE_SCHEMA_VERSION) is
 -- missing: a role without CREATE can replicate once the schema is current.
-COMMENT ON FUNCTION pyreplica.apply_events(bigint[], text[], text[], text[], int[]) IS 'pyreplica slave schema 2';
+COMMENT ON FUNCTION pyreplica.apply_events(bigint[], text[], text[], text[], int[]) IS 'pyreplica slave schema 3';
