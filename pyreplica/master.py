@@ -43,6 +43,8 @@ SELECT l.id, l.txid::text, l.relname, l.op::text, l.sql, l.username::text
    AND (%(skip_user)s::text IS NULL OR l.username::text <> %(skip_user)s::text)
  ORDER BY l.id
 """
+# Administrators' statements (py_log_sql) a slave at this snapshot has still to replay.
+PENDING_ADMIN_SQL = "SELECT count(*) FROM pyreplica.unapplied(%s::pg_snapshot) WHERE op = 'S'"
 # How far behind a slave at snapshot %(since)s is: events and the age of the oldest.
 BEHIND = "SELECT count(*), min(ts) FROM pyreplica.unapplied(%(since)s::pg_snapshot)"
 

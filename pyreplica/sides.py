@@ -77,7 +77,6 @@ class Sides:
         with self.slave.cursor() as cur:
             apply.start_session(cur)
         self.log.info("Encoding for this connections are %s %s", self.listener.encoding, self.slave.encoding)
-        self.check_slave_tables()
         identity = tuple(self._fetch_row(self.slave, SLAVE_IDENTITY))
         self.token = twophase.identity_token(identity)
 
@@ -88,6 +87,7 @@ class Sides:
         twophase.recover(self.listener, self.slave, self.name, self.token,
                          position[1] if position else None, record[1] if record else None)
         self.position = self.find_position(identity)
+        self.check_slave_tables()
         self.slave.autocommit = False
         return self
 
@@ -107,7 +107,9 @@ class Sides:
             return cur.fetchone()
 
     def check_slave_tables(self):
-        """Every captured table (that this slave takes) must exist on the slave with its columns."""
+        """Every captured table (that this slave takes) must exist on the slave with its columns,
+        unless an administrator's statement still to be replayed may create them (py_log_sql)."""
+        problems = []
         with self.slave.cursor() as cur:
             for table in master.captured_tables(self.listener):
                 if not self.pipeline.wants_table(table.qualified):
@@ -115,14 +117,22 @@ class Sides:
                 cur.execute(SLAVE_COLUMNS, (table.qualified,))
                 present = cur.fetchone()[0]
                 if present is None:
-                    raise ReplicaError(f"the slave has no table {table.qualified}, which the master replicates: "
-                                       f"create it on the slave (pg_dump -s -t '{table.qualified}' master | psql "
-                                       f"slave) or use pyreplica clone", "slave")
+                    problems.append(f"the slave has no table {table.qualified}, which the master replicates: create "
+                                    f"it on the slave (pg_dump -s -t '{table.qualified}' master | psql slave) or use "
+                                    f"pyreplica clone")
+                    continue
                 missing = [c for c in table.written_columns if c not in present]
                 if missing:
-                    raise ReplicaError(f"the slave's table {table.qualified} lacks column(s) {', '.join(missing)} "
-                                       f"that the master has: ALTER TABLE it on the slave to match the master",
-                                       "slave")
+                    problems.append(f"the slave's table {table.qualified} lacks column(s) {', '.join(missing)} that "
+                                    f"the master has: ALTER TABLE it on the slave to match the master")
+        if not problems:
+            return
+        pending = fetch_one(self.listener, master.PENDING_ADMIN_SQL, (self.position[0],))
+        if not pending:
+            raise ReplicaError(problems[0], "slave")
+        for problem in problems:
+            self.log.warning("%s, unless one of the %s administrator statement(s) still to be replayed does it "
+                             "(replay stops at the first event that needs it otherwise)", problem, pending)
 
     def find_position(self, identity):
         """The slave's position, after making the master's record agree with it (docs/design.md §5)."""
