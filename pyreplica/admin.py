@@ -12,7 +12,7 @@ LOCK_TIMEOUT = "5s"     # a registry row locked by an in-doubt batch must not ha
 
 SKIP_ON_MASTER = "SELECT event_txid, description FROM pyreplica.skip_event(%s::text, %s::bigint)"
 SKIP_ON_SLAVE = """
-INSERT INTO pyreplica.skipped_events (slave, event_id, txid, described) VALUES (%s, %s, %s::xid8, %s)
+INSERT INTO pyreplica.skip_requests (slave, event_id, txid, described) VALUES (%s, %s, %s::xid8, %s)
 ON CONFLICT (slave, event_id) DO NOTHING
 """
 

@@ -102,10 +102,10 @@ ALONE_CANDIDATES = (f"SELECT * FROM ({master.BATCH_EVENTS}) e "
                     r"WHERE e.op = 'S' AND e.sql ~* '^\s*alter\s+type\s'")
 
 PENDING_SKIPS = """
-SELECT event_id, txid::text FROM pyreplica.skipped_events WHERE slave = %s AND skipped_at IS NULL
+SELECT event_id, txid::text FROM pyreplica.skip_requests WHERE slave = %s AND skipped_at IS NULL
 """
 MARK_SKIPPED = """
-UPDATE pyreplica.skipped_events SET skipped_at = now(), batch_id = %s
+UPDATE pyreplica.skip_requests SET skipped_at = now(), batch_id = %s
  WHERE slave = %s AND event_id = %s AND skipped_at IS NULL
 """
 

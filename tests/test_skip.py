@@ -55,7 +55,7 @@ def test_skip_event_resumes_replay_exactly_past_that_event(tmp_path, inbox, mast
     assert master.execute("SELECT slave, event_id, op::text, relname, requested_by::text = current_user "
                           "FROM pyreplica.skipped_events") == [("mailset", event, "U", "public.t", True)]
     rows = slave.execute("SELECT slave, event_id, described, skipped_at IS NOT NULL, batch_id > 0 "
-                         "FROM pyreplica.skipped_events")
+                         "FROM pyreplica.skip_requests")
     assert rows == [("mailset", event, "UPDATE on public.t", True, True)]
 
 
@@ -73,7 +73,7 @@ def test_skip_requested_while_the_daemon_is_stopped_survives_the_restart(master,
         daemon.wait_for_output(f"Skipping event {event} (UPDATE on public.t) as told by skip-event")
         wait_until(lambda: slave.execute("SELECT id, v FROM t ORDER BY id") == [(1, "a2")],
                    message="replay past the skipped event")
-    assert slave.scalar("SELECT count(*) FROM pyreplica.skipped_events WHERE skipped_at IS NOT NULL") == 1
+    assert slave.scalar("SELECT count(*) FROM pyreplica.skip_requests WHERE skipped_at IS NOT NULL") == 1
 
 
 def test_skip_event_refuses_what_is_not_pending_for_that_slave(master, slave):
@@ -97,7 +97,7 @@ def test_skip_event_refuses_what_is_not_pending_for_that_slave(master, slave):
     assert code == 2 and "argument ID: invalid int value: 'twelve'" in err
     # nothing was recorded anywhere, and nothing is ever skipped without being told
     assert master.scalar("SELECT count(*) FROM pyreplica.skipped_events") == 0
-    assert slave.scalar("SELECT count(*) FROM pyreplica.skipped_events") == 0
+    assert slave.scalar("SELECT count(*) FROM pyreplica.skip_requests") == 0
 
 
 def test_skip_of_a_pending_event_by_the_daemon_role(master, slave):
@@ -111,7 +111,7 @@ def test_skip_of_a_pending_event_by_the_daemon_role(master, slave):
     dsn = f"{master.dsn} user=skip_repl"
     code, out, err = run_cli("skip-event", str(event), dsn, slave.dsn, "--name", "s1")
     assert code == 0, err
-    assert slave.execute("SELECT event_id, described FROM pyreplica.skipped_events") == [(event, "INSERT on public.t")]
+    assert slave.execute("SELECT event_id, described FROM pyreplica.skip_requests") == [(event, "INSERT on public.t")]
     # twice is harmless
     assert run_cli("skip-event", str(event), dsn, slave.dsn, "--name", "s1")[0] == 0
     assert master.scalar("SELECT count(*) FROM pyreplica.skipped_events") == 1

@@ -22,8 +22,8 @@ CREATE TABLE IF NOT EXISTS pyreplica.position (
 -- Events an administrator told this slave to skip (pyreplica skip-event), never chosen by the daemon:
 -- the daemon leaves out exactly the event with this id and transaction, and marks the row in the
 -- very transaction of the batch that skipped it (docs/design.md §6). The master keeps its own record
--- (pyreplica.skipped_events there).
-CREATE TABLE IF NOT EXISTS pyreplica.skipped_events (
+-- (pyreplica.skipped_events there: another name, since a node that is master and slave has both).
+CREATE TABLE IF NOT EXISTS pyreplica.skip_requests (
     slave        text        NOT NULL,          -- this slave's name on the master
     event_id     bigint      NOT NULL,          -- the event's id in the master's log
     txid         xid8        NOT NULL,          -- its transaction: an id never stands for another event
