@@ -16,7 +16,6 @@ Only a table that differs is read again, in primary-key order on both sides, to 
 differing rows.
 """
 import concurrent.futures
-import contextlib
 import itertools
 import json
 import time
@@ -25,7 +24,7 @@ import psycopg2
 from psycopg2 import sql
 
 from . import apply, master, progress
-from .db import ReplicaError, close_quietly, connect, first_line
+from .db import ReplicaError, abandon_and_close, connect, first_line
 from .filters import Pipeline
 
 # Row text depends on these settings: both sides must print values the same way.
@@ -240,10 +239,7 @@ def collect(config, name, wait):
         report["identical"] = all(t["identical"] for t in report["tables"])
         return report
     finally:
-        for conn in (master_conn, slave):
-            with contextlib.suppress(Exception):
-                conn.rollback()
-            close_quietly(conn)
+        abandon_and_close(master_conn, slave)
 
 
 def format_table(report):

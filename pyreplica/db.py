@@ -146,6 +146,15 @@ def close_quietly(conn):
             pass
 
 
+def abandon_and_close(*conns):
+    """Roll back whatever each connection has open, then close it; never raises (cleanup paths)."""
+    for conn in conns:
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.rollback()
+        close_quietly(conn)
+
+
 def fetch_one(conn, query, params=None):
     with conn.cursor() as cur:
         cur.execute(query, params)

@@ -17,7 +17,6 @@ what only the master has, update what differs (the master's values, read again b
 statement's row count is checked; any surprise rolls everything back. --dry-run rolls back too,
 having changed nothing. Memory stays flat: server-side cursors and batches of BATCH_KEYS keys.
 """
-import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ import psycopg2
 from psycopg2 import sql
 
 from . import apply, compare, master, progress
-from .db import ReplicaError, close_quietly, connect, first_line, safe_dsn
+from .db import ReplicaError, abandon_and_close, connect, first_line, safe_dsn
 from .filters import Pipeline
 
 BATCH_KEYS = 500            # differing keys read from the master and written to the slave at once
@@ -289,10 +288,7 @@ def collect(config, name, wanted, dry_run, wait):
             slave.commit()
         return report
     finally:
-        for conn in (master_conn, slave):
-            with contextlib.suppress(Exception):
-                conn.rollback()
-            close_quietly(conn)
+        abandon_and_close(master_conn, slave)
 
 
 def format_report(report):

@@ -10,7 +10,7 @@ import pytest
 from pyreplica import apply
 from pyreplica.batch import Event
 from pyreplica.db import connect
-from replication import Daemon, create_on_both, wait_identical, wait_until
+from replication import Daemon, create_on_both, wait_identical
 
 TYPED_DDL = """
 CREATE TABLE typed (k3 char(3), kn numeric(6,2), kv varchar(5), note text, PRIMARY KEY (k3, kn, kv));

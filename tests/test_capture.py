@@ -7,7 +7,6 @@ import time
 import psycopg2
 import psycopg2.errors
 import pytest
-from psycopg2 import sql
 
 from pyreplica import apply
 from pyreplica.batch import Event

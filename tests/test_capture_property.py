@@ -10,7 +10,6 @@ The two databases are made once per module; each example drops and recreates its
 """
 import contextlib
 import datetime
-import decimal
 import ipaddress
 import json
 import string

@@ -1,18 +1,12 @@
 """Bounded catch-up (docs/design.md §4): ticks, the snapshot containment they are chosen by, and a
 daemon killed during a catch-up that still converges in committed steps, on real clusters."""
-import os
 import random
-import signal
-import subprocess
-import sys
 import threading
 import time
 
-import psycopg2
-import psycopg2.errors
 import pytest
 
-from replication import ROOT, Daemon, create_on_both, wait_identical, wait_until
+from replication import Daemon, create_on_both, wait_identical, wait_until
 
 COVERS = "SELECT pyreplica.snapshot_covers(%s::pg_snapshot, %s::pg_snapshot)"
 

@@ -5,7 +5,7 @@ import signal
 
 import pytest
 
-from replication import Daemon, create_on_both, prepared_count, run_cli, wait_identical, wait_until
+from replication import Daemon, create_on_both, prepared_count, run_cli, wait_identical
 
 TABLE = "CREATE TABLE t (id int PRIMARY KEY, v text)"
 

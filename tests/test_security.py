@@ -176,7 +176,7 @@ def test_two_slaves_with_one_name_the_second_is_refused(master, slave, slave2):
 def test_unregistered_slave_refuses_once_the_log_was_pruned(master, slave, slave2):
     create_on_both(master, slave, "CREATE TABLE t (id int PRIMARY KEY)", ["t"])
     slave2.execute("CREATE TABLE t (id int PRIMARY KEY)")
-    with Daemon(master, slave, name="first", keepalive=1) as first:
+    with Daemon(master, slave, name="first", keepalive=1):
         master.execute("INSERT INTO t SELECT generate_series(1, 10)")
         wait_identical(master, slave, ["t"])
         wait_until(lambda: master.scalar("SELECT count(*) FROM pyreplica.log_pruned") == 1, message="a prune")

@@ -620,27 +620,19 @@ DECLARE
     parent regclass;
     child  regclass;
 BEGIN
-    SELECT i.inhparent INTO parent
+    -- A new inheritance link touching a replicated table, either way round: a child's rows escape
+    -- the parent's statement triggers, and so do rows of a replicated child changed through its parent.
+    SELECT i.inhparent, d.objid::regclass INTO parent, child
       FROM pg_event_trigger_ddl_commands() d
       JOIN pg_inherits i ON i.inhrelid = d.objid
       JOIN pg_class c ON c.oid = d.objid
      WHERE d.classid = 'pg_class'::regclass AND NOT c.relispartition
-       AND pyreplica.py_log_is_captured(i.inhparent)
+       AND (pyreplica.py_log_is_captured(i.inhparent) OR pyreplica.py_log_is_captured(d.objid))
      LIMIT 1;
-    IF parent IS NOT NULL THEN
+    IF pyreplica.py_log_is_captured(parent) THEN
         RAISE EXCEPTION 'pyreplica: table % is replicated and cannot get inheritance children (their rows would not be replicated)', parent
             USING HINT = 'Use a partitioned table, or stop replicating it first: SELECT py_log_drop_tg(...);';
-    END IF;
-    -- Nor may a replicated table become a child (ALTER TABLE ... INHERIT): a statement on the
-    -- parent changes its rows without firing its statement triggers.
-    SELECT d.objid::regclass INTO child
-      FROM pg_event_trigger_ddl_commands() d
-      JOIN pg_inherits i ON i.inhrelid = d.objid
-      JOIN pg_class c ON c.oid = d.objid
-     WHERE d.classid = 'pg_class'::regclass AND NOT c.relispartition
-       AND pyreplica.py_log_is_captured(d.objid)
-     LIMIT 1;
-    IF child IS NOT NULL THEN
+    ELSIF child IS NOT NULL THEN
         RAISE EXCEPTION 'pyreplica: table % is replicated and cannot inherit from another table (rows changed through the parent would not be replicated)', child
             USING HINT = 'Stop replicating it first: SELECT py_log_drop_tg(...);';
     END IF;
