@@ -71,7 +71,7 @@ class Sides:
         twophase.require_two_phase_commit(self.slave, "slave")
         if not fetch_one(self.slave, SLAVE_LOCK, (self.name,)):
             raise SlaveBusy(f"another pyreplica is already replicating into this slave as {self.name}: "
-                               f"stop it first (one daemon per slave)", "slave")
+                            f"stop it first (one daemon per slave)", "slave")
         apply.install(self.slave)
         self.cascading = bool(fetch_one(self.slave, master.INSTALLED))
         with self.slave.cursor() as cur:
