@@ -4,7 +4,7 @@ import contextlib
 import psycopg2
 
 from . import apply, log, master
-from .db import ReplicaError, connect, first_line
+from .db import ReplicaError, connect, refusal
 from .filters import Pipeline
 from .sides import Sides
 
@@ -47,8 +47,7 @@ def register(master_dsn, name):
         try:
             snapshot = master.register(conn, name)
         except psycopg2.Error as e:
-            raise ReplicaError(first_line(e).removeprefix("ERROR:").strip().removeprefix("pyreplica: "),
-                               "master") from e
+            raise refusal(e, "master") from e
     print(f"slave {name} registered on the master at snapshot {snapshot}: the master keeps every event from "
           f"now on for it. Copy the data now (with writers stopped, or use pyreplica clone instead), then start "
           f"`pyreplica run` for it")
@@ -77,8 +76,7 @@ def skip_event(config, name, event_id):
                 cur.execute(SKIP_ON_MASTER, (name, event_id))
                 txid, described = cur.fetchone()
         except psycopg2.Error as e:
-            raise ReplicaError(first_line(e).removeprefix("ERROR:").strip().removeprefix("pyreplica: "),
-                               "master") from e
+            raise refusal(e, "master") from e
     with contextlib.closing(connect(config.DSN1, "slave")) as conn:
         conn.autocommit = True
         apply.install(conn)

@@ -87,21 +87,24 @@ def load_config(args):
     return config
 
 
-def cmd_run(args):
-    from .mail import Mailer
-    from .replicator import Replicator
+def config_and_name(args):
+    """The config and this slave's name of a command that logs like the daemon (run, clone, recover)."""
     config = load_config(args)
     name = configuration.slave_name(config, args.name)
     log.setup(config.NAME or name, config.DEBUG_LEVEL)
+    return config, name
+
+
+def cmd_run(args):
+    from .mail import Mailer
+    from .replicator import Replicator
+    config, name = config_and_name(args)
     return Replicator(config, name, Mailer.from_config(config, name)).run()
 
 
 def cmd_clone(args):
     from .clone import clone
-    config = load_config(args)
-    name = configuration.slave_name(config, args.name)
-    log.setup(config.NAME or name, config.DEBUG_LEVEL)
-    return clone(config, name)
+    return clone(*config_and_name(args))
 
 
 def master_dsn(args):
@@ -123,10 +126,7 @@ def cmd_register(args):
 
 def cmd_recover(args):
     from .admin import recover
-    config = load_config(args)
-    name = configuration.slave_name(config, args.name)
-    log.setup(config.NAME or name, config.DEBUG_LEVEL)
-    return recover(config, name)
+    return recover(*config_and_name(args))
 
 
 def cmd_skip_event(args):

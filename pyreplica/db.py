@@ -86,6 +86,13 @@ def split_password(dsn):
     return psycopg2.extensions.make_dsn(**params), password
 
 
+def refusal(error, side):
+    """A ReplicaError carrying the message of an exception that pyreplica's SQL raised on purpose
+    (RAISE EXCEPTION 'pyreplica: ...'), without PostgreSQL's "ERROR:" and our prefix."""
+    message = first_line(error).removeprefix("ERROR:").strip().removeprefix("pyreplica: ")
+    return ReplicaError(message, side)
+
+
 def first_line(error):
     text = (getattr(error, "pgerror", None) or str(error) or error.__class__.__name__).strip()
     return text.splitlines()[0] if text else repr(error)

@@ -7,7 +7,7 @@
 import psycopg2
 
 from . import apply, master, twophase
-from .db import ReplicaError, close_quietly, connect, fetch_one, first_line
+from .db import ReplicaError, close_quietly, connect, fetch_one, refusal
 
 # One daemon per slave: a second one would apply the same batches again.
 SLAVE_LOCK = "SELECT pg_catalog.pg_try_advisory_lock(pg_catalog.hashtext('pyreplica slave ' || %s::text))"
@@ -96,8 +96,7 @@ class Sides:
             return master.claim(self.listener, self.name, identity)
         except psycopg2.Error as e:
             if getattr(e, "pgcode", None) == "PR002":
-                raise ReplicaError(first_line(e).removeprefix("ERROR:").strip().removeprefix("pyreplica: "),
-                                   "master") from e
+                raise refusal(e, "master") from e
             raise
 
     @staticmethod

@@ -72,12 +72,16 @@ def collect(config, only=None):
     return report
 
 
-def _ago(seconds):
+def _duration(seconds):
     if seconds < 120:
-        return f"{seconds:.0f} s ago"
+        return f"{seconds:.0f} s"
     if seconds < 7200:
-        return f"{seconds / 60:.0f} min ago"
-    return f"{seconds / 3600:.1f} h ago"
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _ago(seconds):
+    return f"{_duration(seconds)} ago"
 
 
 def format_table(report):
@@ -105,7 +109,7 @@ def alerts(report):
     """What a monitoring check must hear about: a prepared transaction older than IN_DOUBT_ALERT.
     It holds back VACUUM of the whole cluster, keeps its locks (a re-install, drop-slave, DDL
     would wait) and the batch it belongs to is not committed."""
-    return [f"{x['side']}: {x['gid']} has been prepared for {_ago(x['age_seconds'])[:-4]}: it holds back "
+    return [f"{x['side']}: {x['gid']} has been prepared for {_duration(x['age_seconds'])}: it holds back "
             f"VACUUM of the whole {x['side']} cluster and keeps its locks; start the daemon for slave "
             f"{x['slave']} or run `pyreplica recover MASTER SLAVE`"
             for x in report["in_doubt"] if x["age_seconds"] > IN_DOUBT_ALERT]

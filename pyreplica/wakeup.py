@@ -24,10 +24,10 @@ class Wakeup:
             ready, _, _ = select.select(watched, [], [], timeout)
         except InterruptedError:
             return []
-        ours = [r for r in ready if isinstance(r, int) and r == self.fd]
-        if ours:
+        # select hands back the very objects it was given: `is` tells our pipe from the others
+        if any(r is self.fd for r in ready):
             self.drain()
-        return [r for r in ready if not ours or r is not ours[0]]
+        return [r for r in ready if r is not self.fd]
 
     def drain(self):
         try:
