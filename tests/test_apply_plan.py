@@ -1,4 +1,4 @@
-"""The apply planner (DESIGN §5) without a server: merging, parsing, the UPDATE fast path's SQL."""
+"""The apply planner (docs/design.md §6) without a server: merging, parsing, the UPDATE fast path's SQL."""
 from pyreplica.apply import (Statement, UpdateRun, merge_inserts, merge_truncates, merge_updates, parse_update,
                              plan)
 from pyreplica.batch import Event

@@ -1,4 +1,4 @@
-"""Replay on the slave (DESIGN §5) against real servers: exact types in the UPDATE fast path,
+"""Replay on the slave (docs/design.md §6) against real servers: exact types in the UPDATE fast path,
 failures returned as data and worded once, TRUNCATE of exactly the master's tables, connection
 settings that no database default can change, and a slave schema a role without CREATE can use."""
 import contextlib
