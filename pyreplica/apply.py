@@ -59,12 +59,12 @@ SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY k.ord)
  WHERE i.indrelid = to_regclass(%s) AND i.indisprimary
 """
 
-# The head of an INSERT as the capture writes it: INSERT INTO "s"."t" (cols) [OVERRIDING ...] VALUES (
+# An INSERT as the capture writes it: INSERT INTO "s"."t" (cols) [OVERRIDING ...] VALUES ('v', ...);
+# group 1 is its head (up to VALUES), which a grouped INSERT takes once. (_LITERAL is below.)
 _IDENT = r'(?:"(?:[^"]|"")*"|[a-z_][a-z0-9_$]*)'
-INSERT_HEAD = re.compile(rf"INSERT INTO {_IDENT}\.{_IDENT} \({_IDENT}(?:, {_IDENT})*\)"
-                         rf"(?: OVERRIDING SYSTEM VALUE)? VALUES (?=\()")
-MERGE_MAX_BYTES = 1 << 20
-UPDATE_RUN_MAX = 1000
+IDENTIFIER = re.compile(_IDENT)
+GROUP_MAX_ROWS = 1000       # events per grouped UPDATE or DELETE
+MERGE_MAX_BYTES = 1 << 20   # bytes of values per grouped statement
 
 # An UPDATE as the capture writes it: UPDATE s.t SET c = 'v', ... WHERE k = 'v' AND ...
 # Literals are quote_literal's ('..'  with '' inside, E'..' with '' and \\ inside) or NULL; a quote
@@ -74,16 +74,32 @@ _ASSIGN = rf"{_IDENT} = {_LITERAL}"
 UPDATE_STMT = re.compile(rf"UPDATE ({_IDENT}\.{_IDENT}) SET ((?:{_ASSIGN}, )*{_ASSIGN}) "
                          rf"WHERE ((?:{_ASSIGN} AND )*{_ASSIGN})", re.S)
 ASSIGNMENT = re.compile(rf"({_IDENT}) = ({_LITERAL})", re.S)
+LITERAL = re.compile(_LITERAL, re.S)
+INSERT_STMT = re.compile(rf"(INSERT INTO ({_IDENT}\.{_IDENT}) \(((?:{_IDENT}, )*{_IDENT})\)"
+                         rf"(?: OVERRIDING SYSTEM VALUE)? VALUES )\(((?:{_LITERAL}, )*{_LITERAL})\)", re.S)
+DELETE_STMT = re.compile(rf"DELETE FROM ({_IDENT}\.{_IDENT}) WHERE ((?:{_ASSIGN} AND )*{_ASSIGN})", re.S)
 
-# The type each column's literals are cast to in the UPDATE fast path: the column's type WITHOUT its
-# modifier, spelled so that it parses back as exactly that (format_type with typmod -1 writes
-# `bpchar`, `"bit"`, `bpchar[]`, where the bare name `character` would mean char(1) and cut values).
-# The modifier is then applied as the single UPDATE applies it: the SET's assignment to the column
-# (char(n) padded, numeric(p,s) rounded, a too long value an error, never a silent cut), and the
-# key compared as the single UPDATE's untyped literal is.
-COLUMN_TYPES = """
-SELECT quote_ident(attname), format_type(atttypid, -1) FROM pg_attribute
- WHERE attrelid = to_regclass(%s) AND attnum > 0 AND NOT attisdropped
+# A slave table as grouping sees it (apply.Table): each column's quoted name, the type its literals
+# are cast to in a grouped UPDATE or DELETE, its place in the primary key, and whether its events may
+# move past others'. The type is the column's WITHOUT its modifier, spelled so that it parses back
+# as exactly that (format_type with typmod -1 writes `bpchar`, `"bit"`, `bpchar[]`, where the bare
+# name `character` would mean char(1) and cut values). The modifier is then applied as the single
+# UPDATE applies it: the SET's assignment to the column (char(n) padded, numeric(p,s) rounded, a
+# too long value an error, never a silent cut), and the key compared as the single statement's
+# untyped literal is. A rule, or a trigger that fires under session_replication_role = replica
+# (ENABLE ALWAYS / REPLICA, on the table or a partition), could see the order of rows: such a
+# table's events are grouped only while consecutive.
+TABLE_INFO = """
+SELECT quote_ident(a.attname), format_type(a.atttypid, -1), k.ord,
+       NOT c.relhasrules AND NOT EXISTS (
+           SELECT FROM pg_trigger g
+            WHERE g.tgrelid IN (SELECT relid FROM pg_partition_tree(c.oid)) AND g.tgenabled IN ('A', 'R'))
+       AND EXISTS (SELECT FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)
+  FROM pg_class c
+  JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+  LEFT JOIN pg_index i ON i.indrelid = c.oid AND i.indisprimary
+  LEFT JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) ON k.attnum = a.attnum
+ WHERE c.oid = to_regclass(%s)
 """
 
 # An administrator's statement that must not run in the batch's transaction (docs/design.md §6): a
@@ -124,8 +140,8 @@ class Statement(NamedTuple):
 
     @property
     def merged(self):
-        """Several INSERTs/UPDATEs made one for speed: a failure is retried one event at a time."""
-        return self.rows > 1 and self.op in ("I", "U")
+        """Several INSERTs/UPDATEs/DELETEs made one for speed (apply.group)."""
+        return self.rows > 1 and self.op in ("I", "U", "D")
 
 
 class ApplyError(ReplicaError):
@@ -135,7 +151,6 @@ class ApplyError(ReplicaError):
         super().__init__(message, "slave")
         self.event = event
         self.conflict = conflict
-        self.merged = False     # the failing statement stood for several merged events
         self.code, self.detail, self.hint = code, detail, hint
 
 
@@ -289,33 +304,21 @@ def merge_truncates(events):
     return planned
 
 
-def merge_inserts(statements):
-    """Consecutive INSERTs into one table become one multi-row INSERT.
+# One I/U/D event as the grouping sees it: which statement it can join (its group), the row it
+# touches (its primary key's literals; None when only consecutive events may join it) and its part
+# of the grouped statement (an INSERT's "(values)", an UPDATE's key then SET literals, a DELETE's key).
+class Row(NamedTuple):
+    group: tuple        # (op, relname, shape): events with the same one can be one statement
+    key: tuple
+    part: object
+    reorder: bool       # may move past events of other groups (docs/design.md §6)
 
-    The row count check stays exact
-    (k rows for k events); only the event an error is pinned on gets coarser, which is why a failed
-    merged statement is retried unmerged (precise=True) to name the very event.
-    """
-    merged = []         # [first id, op, relname, [sql parts], rows, bytes]
-    heads = {}          # relname -> its INSERT head, checked with startswith (cheaper than the regex)
-    previous_head = None
-    for first, op, relname, text, rows in statements:
-        head = None
-        if op == "I" and rows == 1:
-            head = heads.get(relname)
-            if head is None or not text.startswith(head):
-                match = INSERT_HEAD.match(text)
-                head = heads[relname] = match.group() if match else None
-        last = merged[-1] if merged else None
-        if head and head == previous_head and last[2] == relname and last[5] < MERGE_MAX_BYTES:
-            values = text[len(head):]
-            last[3].append(values)
-            last[4] += 1
-            last[5] += len(values)
-            continue
-        previous_head = head
-        merged.append([first, op, relname, [text], rows, len(text)])
-    return [Statement(first, op, rel, ", ".join(parts), rows) for first, op, rel, parts, rows, _ in merged]
+
+class Table(NamedTuple):
+    """What grouping needs to know of a slave table."""
+    types: dict         # quoted column -> type without modifier (see TABLE_INFO)
+    key: tuple          # quoted primary-key columns, in key order (() when none)
+    reorder: bool       # has a primary key, and no rule or trigger that fires in replica mode
 
 
 def parse_update(text):
@@ -326,117 +329,170 @@ def parse_update(text):
     return match.group(1), tuple(ASSIGNMENT.findall(match.group(2))), tuple(ASSIGNMENT.findall(match.group(3)))
 
 
+def parse_insert(text):
+    """(head, table, (column, ...), "(values)", (literal, ...)) or None."""
+    match = INSERT_STMT.fullmatch(text)
+    if match is None:
+        return None
+    head, table, columns, values = match.groups()
+    return head, table, tuple(IDENTIFIER.findall(columns)), text[len(head):], tuple(LITERAL.findall(values))
+
+
+def parse_delete(text):
+    """(table, ((key column, literal), ...)) or None."""
+    match = DELETE_STMT.fullmatch(text)
+    return None if match is None else (match.group(1), tuple(ASSIGNMENT.findall(match.group(2))))
+
+
+def parse_row(statement, tables):
+    """The Row of a single-row I/U/D statement exactly as the capture writes it, or None when it
+    must run as it is (another shape, e.g. a filter's rewrite; a key change; a table the slave lacks)."""
+    first, op, relname, text, rows = statement
+    table = tables(relname) if rows == 1 else None
+    if table is None:
+        return None
+    if op == "I":
+        parsed = parse_insert(text)
+        if parsed is None or parsed[1] != relname:
+            return None
+        head, _, columns, values, literals = parsed
+        positions = [columns.index(c) for c in table.key if c in columns]
+        reorder = table.reorder and len(positions) == len(table.key)
+        key = tuple(literals[p] for p in positions) if reorder else None
+        return Row(("I", relname, head), key, values, reorder)
+    parsed = parse_update(text) if op == "U" else parse_delete(text) if op == "D" else None
+    if parsed is None or parsed[0] != relname:
+        return None
+    assignments, keys = (parsed[1], parsed[2]) if op == "U" else ((), parsed[1])
+    set_columns, key_columns = tuple(c for c, _ in assignments), tuple(c for c, _ in keys)
+    if set(set_columns) & set(key_columns) or not all(c in table.types for c in set_columns + key_columns):
+        return None
+    key = tuple(v for _, v in keys)
+    return Row((op, relname, set_columns, key_columns), key, key + tuple(v for _, v in assignments),
+               table.reorder and key_columns == table.key)
+
+
 @dataclass
-class UpdateRun:
-    """Consecutive single-row UPDATEs that can be replayed as one statement."""
-    statement: Statement        # the first one, as it came
-    table: str
-    set_columns: tuple
-    key_columns: tuple
-    rows: list = field(default_factory=list)     # (key literals..., value literals...) per UPDATE
-    keys: set = field(default_factory=set)
+class Group:
+    """Events that become one statement: INSERT ... VALUES (...), (...); UPDATE ... FROM (VALUES ...);
+    DELETE ... USING (VALUES ...)."""
+    first: Statement        # the first one, as it came
+    group: tuple
+    parts: list = field(default_factory=list)
+    size: int = 0
 
-    def takes(self, relname, set_columns, key_columns, key_values):
-        return (self.statement.relname == relname and self.set_columns == set_columns
-                and self.key_columns == key_columns and key_values not in self.keys
-                and len(self.rows) < UPDATE_RUN_MAX)
+    def add(self, part):
+        self.parts.append(part)
+        self.size += len(part) if isinstance(part, str) else sum(map(len, part))
 
-    def add(self, key_values, values):
-        self.rows.append(key_values + values)
-        self.keys.add(key_values)
+    def full(self):
+        return self.size >= MERGE_MAX_BYTES or (self.group[0] != "I" and len(self.parts) >= GROUP_MAX_ROWS)
 
-    def sql(self, types):
-        """WITH u AS (UPDATE t SET c = v.p1::type ... FROM (VALUES (1, ...), ...) v
-                      WHERE t.k = v.p0::type ... RETURNING v.n)
-           SELECT n FROM u GROUP BY n HAVING count(*) = 1
-
-        Returns one row per UPDATE that touched exactly one row, so the row count equals the
-        number of UPDATEs only when each of them matched exactly one row, as each alone must
-        (a plain count would let a key matching two rows on the slave hide one matching none).
-        Every piece is already quoted by PostgreSQL: the table and literals by the master's
-        capture (format %I / %L), the columns by quote_ident and the types by format_type.
-        """
-        keys = len(self.key_columns)
-        names = ", ".join(["n"] + [f"p{i}" for i in range(keys + len(self.set_columns))])
-        values = ", ".join(f"({n}, {', '.join(row)})" for n, row in enumerate(self.rows, 1))
-        assignments = ", ".join(f"{column} = pyreplica_v.p{keys + i}::{types[column]}"
-                                for i, column in enumerate(self.set_columns))
-        match = " AND ".join(f"pyreplica_t.{column} = pyreplica_v.p{i}::{types[column]}"
-                             for i, column in enumerate(self.key_columns))
-        return (f"WITH pyreplica_u AS (UPDATE {self.table} AS pyreplica_t SET {assignments} "
-                f"FROM (VALUES {values}) AS pyreplica_v({names}) WHERE {match} RETURNING pyreplica_v.n) "
-                f"SELECT n FROM pyreplica_u GROUP BY n HAVING count(*) = 1")
-
-
-def merge_updates(statements, column_types):
-    """Consecutive single-row UPDATEs of one table setting the same columns, keyed on distinct rows
-    and not changing the key, become one UPDATE ... FROM (VALUES ...): parsed and planned once.
-
-    column_types(relname) gives {quoted column: type} on the slave (None for a missing table).
-    Rows on distinct keys are independent, so their order within the run does not matter.
-    """
-    merged, run = [], None
-
-    def close(run):
-        if run is None:
-            return
-        if len(run.rows) == 1:
-            merged.append(run.statement)
+    def statement(self, tables):
+        if len(self.parts) == 1:
+            return self.first
+        op, relname = self.group[:2]
+        if op == "I":
+            sql = self.group[2] + ", ".join(self.parts)
         else:
-            first, _, relname, _, _ = run.statement
-            merged.append(Statement(first, "U", relname, run.sql(column_types(relname)), len(run.rows)))
-
-    for i, statement in enumerate(statements):
-        _, op, relname, text, rows = statement
-        # parse only what could join a run: a lone UPDATE between other events costs nothing extra
-        following = statements[i + 1] if i + 1 < len(statements) else None
-        candidate = op == "U" and rows == 1 and (
-            (run is not None and run.statement.relname == relname)
-            or (following is not None and following.op == "U" and following.relname == relname))
-        parsed = parse_update(text) if candidate else None
-        if parsed is None:
-            close(run)
-            run = None
-            merged.append(statement)
-            continue
-        table, assignments, keys = parsed
-        set_columns, values = tuple(c for c, _ in assignments), tuple(v for _, v in assignments)
-        key_columns, key_values = tuple(c for c, _ in keys), tuple(v for _, v in keys)
-        if run is not None and run.takes(relname, set_columns, key_columns, key_values):
-            run.add(key_values, values)
-            continue
-        close(run)
-        types = column_types(relname)
-        if types is None or set(set_columns) & set(key_columns) or not all(
-                c in types for c in set_columns + key_columns):
-            run = None          # a key change, or a table the slave lacks: replayed as it is
-            merged.append(statement)
-            continue
-        run = UpdateRun(statement, table, set_columns, key_columns)
-        run.add(key_values, values)
-    close(run)
-    return merged
+            sql = values_sql(op, relname, self.group[2], self.group[3], self.parts, tables(relname).types)
+        return Statement(self.first.first_event, op, relname, sql, len(self.parts))
 
 
-def plan(events, column_types, precise=False):
-    """The statements that replay events, in order. TRUNCATEs of one transaction are always one
-    statement; unless precise, INSERTs and UPDATEs are merged for speed."""
+def values_sql(op, table, set_columns, key_columns, rows, types):
+    """WITH pyreplica_u AS (UPDATE t AS pyreplica_t SET c = pyreplica_v.p1::type ...
+                           FROM (VALUES (1, ...), ...) AS pyreplica_v(n, p0, p1 ...)
+                           WHERE pyreplica_t.k = pyreplica_v.p0::type ... RETURNING pyreplica_v.n)
+       SELECT n FROM pyreplica_u GROUP BY n HAVING count(*) = 1
+    (a DELETE: DELETE FROM t AS pyreplica_t USING (VALUES ...) ...).
+
+    Returns one row per event that touched exactly one row, so the row count equals the number of
+    events only when each of them matched exactly one row, as each alone must (a plain count would
+    let a key matching two rows on the slave hide one matching none, and two events on one row
+    count once). Every piece is already quoted by PostgreSQL: the table and literals by the
+    master's capture (format %I / %L), the columns by quote_ident and the types by format_type.
+    """
+    keys = len(key_columns)
+    names = ", ".join(["n"] + [f"p{i}" for i in range(keys + len(set_columns))])
+    values = ", ".join(f"({n}, {', '.join(row)})" for n, row in enumerate(rows, 1))
+    source = f"(VALUES {values}) AS pyreplica_v({names})"
+    match = " AND ".join(f"pyreplica_t.{column} = pyreplica_v.p{i}::{types[column]}"
+                         for i, column in enumerate(key_columns))
+    if op == "U":
+        assignments = ", ".join(f"{column} = pyreplica_v.p{keys + i}::{types[column]}"
+                                for i, column in enumerate(set_columns))
+        change = f"UPDATE {table} AS pyreplica_t SET {assignments} FROM {source}"
+    else:
+        change = f"DELETE FROM {table} AS pyreplica_t USING {source}"
+    return (f"WITH pyreplica_u AS ({change} WHERE {match} RETURNING pyreplica_v.n) "
+            f"SELECT n FROM pyreplica_u GROUP BY n HAVING count(*) = 1")
+
+
+def group(statements, tables):
+    """Single-row INSERTs, UPDATEs and DELETEs become one statement per table, operation and shape
+    (columns written, key columns) within a segment: a run of such events that touch distinct rows
+    (distinct primary keys, per table). Parsed and planned once, not once per event.
+
+    Events of distinct rows commute under session_replication_role = replica (no FK check, no
+    ordinary trigger: a table with a rule or a trigger enabled in replica mode never moves), so a
+    segment's groups run in the order of their first event; an event on a row the segment already
+    touched, any other statement, or a full group ends the segment. Each group's row count is
+    checked per event (values_sql), so whatever goes wrong is caught, and apply_chunk replays
+    the chunk in id order to name the very event. tables(relname) gives the slave's Table or None.
+    """
+    planned, groups, keys = [], {}, set()
+    last = None             # the previous event's Row in the segment
+
+    def flush():
+        planned.extend(g.statement(tables) for g in groups.values())
+        groups.clear()
+        keys.clear()
+
+    for statement in statements:
+        row = parse_row(statement, tables) if statement.op in ("I", "U", "D") else None
+        if row is None:
+            flush()
+            planned.append(statement)
+            last = None
+            continue
+        current = groups.get(row.group)
+        moves = last is not None and last.group != row.group    # other groups between? only if both may move
+        if ((row.key is not None and (row.group[1], row.key) in keys) or (current is not None and current.full())
+                or (moves and not (row.reorder and last.reorder))):
+            flush()
+            current = None
+        if current is None:
+            current = groups[row.group] = Group(statement, row.group)
+        current.add(row.part)
+        if row.key is not None:
+            keys.add((row.group[1], row.key))
+        last = row
+    flush()
+    return planned
+
+
+def plan(events, tables, precise=False):
+    """The statements that replay events. TRUNCATEs of one transaction are always one statement;
+    unless precise, single-row INSERTs, UPDATEs and DELETEs are grouped for speed (group), else
+    every other event is one statement, in id order."""
     statements = merge_truncates(events)
     if precise:
         return statements
-    return merge_updates(merge_inserts(statements), column_types)
+    return group(statements, tables)
 
 
-def slave_column_types(slave_cur):
-    """relname -> {quoted column: type} on the slave, looked up once per chunk and table."""
+def slave_tables(slave_cur):
+    """relname -> Table on the slave (None for a missing one), looked up once per chunk and table."""
     cache = {}
 
-    def types(relname):
+    def table(relname):
         if relname not in cache:
-            slave_cur.execute(COLUMN_TYPES, (relname,))
-            cache[relname] = dict(slave_cur.fetchall()) or None
+            slave_cur.execute(TABLE_INFO, (relname,))
+            rows = slave_cur.fetchall()
+            cache[relname] = Table({c: t for c, t, _, _ in rows}, tuple(c for c, _, k, _ in sorted(
+                (r for r in rows if r[2] is not None), key=lambda r: r[2])), rows[0][3]) if rows else None
         return cache[relname]
-    return types
+    return table
 
 
 # -- applying -----------------------------------------------------------------------------------
@@ -444,12 +500,15 @@ def apply_chunk(slave_cur, events, precise=False, debug_level=0):
     """Apply events in one round trip; raise ApplyError naming the failing event.
 
     A failure leaves the slave's transaction usable, the chunk's work undone (apply_events'
-    savepoint). A merged statement that fails is retried here one event at a time, so the error
-    names the very event. debug_level >= 2 lets a DETAIL quoting a whole row into the message.
+    savepoint). A failure of the grouped plan is retried here in id order, one event per statement
+    (precise), so the error names the very event the master's order fails at. debug_level >= 2
+    lets a DETAIL quoting a whole row into the message.
     """
-    statements = plan(events, slave_column_types(slave_cur), precise)
+    statements = plan(events, slave_tables(slave_cur), precise)
     try:
-        slave_cur.execute(APPLY_EVENTS, [list(column) for column in zip(*statements)])
+        slave_cur.execute(APPLY_EVENTS, [[s.first_event for s in statements], [s.op for s in statements],
+                                         [s.relname for s in statements], [s.sql for s in statements],
+                                         [s.rows for s in statements]])
     except psycopg2.DatabaseError as e:
         if not e.pgcode or e.pgcode.startswith(("08", "57P")):
             raise       # the connection, not the statement: the caller retries
@@ -459,10 +518,9 @@ def apply_chunk(slave_cur, events, precise=False, debug_level=0):
     failed, code, message, detail, hint = slave_cur.fetchone()
     if failed is None:
         return
-    statement = statements[failed - 1]
-    if statement.merged:
+    if not precise:
         return apply_chunk(slave_cur, events, True, debug_level)
-    raise _apply_error(slave_cur, statement, events, code, message, detail, hint, debug_level)
+    raise _apply_error(slave_cur, statements[failed - 1], events, code, message, detail, hint, debug_level)
 
 
 def _apply_error(slave_cur, statement, events, code, message, detail, hint, debug_level):
@@ -480,9 +538,7 @@ def _apply_error(slave_cur, statement, events, code, message, detail, hint, debu
         text += f"\n  DETAIL: {detail}"
     if hint:
         text += f"\n  HINT: {hint}"
-    error = ApplyError(text, event, conflict, code, detail, hint)
-    error.merged = statement.merged
-    return error
+    return ApplyError(text, event, conflict, code, detail, hint)
 
 
 def write_position(slave_cur, batch):
