@@ -65,7 +65,7 @@ SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY k.ord)
 _IDENT = r'(?:"[^"]*(?:""[^"]*)*"|[a-z_][a-z0-9_$]*)'
 IDENTIFIER = re.compile(_IDENT)
 GROUP_MAX_ROWS = 1000       # events per grouped UPDATE or DELETE
-MERGE_MAX_BYTES = 1 << 20   # bytes of values per grouped statement
+MERGE_MAX_BYTES = 1 << 20   # bytes of the events' statements per grouped statement
 
 # An UPDATE as the capture writes it: UPDATE s.t SET c = 'v', ... WHERE k = 'v' AND ...
 # Literals are quote_literal's ('..'  with '' inside, E'..' with '' and \\ inside) or NULL; a quote
@@ -288,20 +288,24 @@ def merge_truncates(events):
     them makes the TRUNCATE fail (replay stops) instead of being emptied. Always done, also
     precise: it is what the master did, not a speed-up.
     """
-    statements = []
+    planned, truncated = [], []     # truncated: the TRUNCATE events of the statement being built
+
+    def close():
+        if truncated:
+            tables = ", ".join(dict.fromkeys(e.relname for e in truncated))
+            planned.append(Statement(truncated[0].id, "T", tables, f"TRUNCATE {tables}", len(truncated)))
+            truncated.clear()
+
     for event in events:
-        last = statements[-1] if statements else None
-        if event.op == "T" and last is not None and last[0] == "T" and last[1] == event.txid:
-            last[2].append(event)
+        if event.op == "T":
+            if truncated and truncated[-1].txid != event.txid:
+                close()
+            truncated.append(event)
         else:
-            statements.append([event.op, event.txid, [event]])
-    planned = []
-    for op, _, group in statements:
-        if op != "T":
-            planned.append(one_statement(group[0]))
-            continue
-        tables = ", ".join(dict.fromkeys(e.relname for e in group))
-        planned.append(Statement(group[0].id, "T", tables, f"TRUNCATE {tables}", len(group)))
+            close()
+            planned.append(one_statement(event) if event.op == "S" else
+                           Statement(event.id, event.op, event.relname, event.sql, 1))
+    close()
     return planned
 
 
@@ -349,17 +353,16 @@ class Shape(NamedTuple):
     """One form of statement the capture writes for a table and operation (the columns it names),
     compiled into a regex with the literals as its groups: parsing a statement of a known shape is
     one fullmatch, several times faster than the general regexes."""
-    regex: re.Pattern
+    regex: re.Pattern       # None: not compiled (Shapes.KEEP)
     group: tuple            # Row.group; None: statements of this shape run as they are
     key: tuple              # indexes of the key's literals in the match's groups; None: not tracked
     reorder: bool
     head: int               # an INSERT: length of its head, before "(values)"
     set_count: int          # an UPDATE: literals in its SET, before the key's
 
-    def row(self, match, text):
+    def row(self, literals, text):
         if self.group is None:
             return None
-        literals = match.groups()
         key = None if self.key is None else tuple(literals[i] for i in self.key)
         if self.group[0] == "I":
             part = text[self.head:]
@@ -386,11 +389,13 @@ class Shapes:
     """Rows of single-row I/U/D statements exactly as the capture writes them (see Shape), learnt per
     table and operation. None for a statement that must run as it is: another form (e.g. a filter's
     rewrite), a key change, a table the slave lacks. tables(relname) gives the slave's Table."""
-    KEEP = 16       # shapes remembered per table and operation, the most recent tried first
+    KEEP = 16       # shapes compiled per table and operation, the most recent tried first: past
+                    # that (each statement another set of columns) the general regexes parse them
 
     def __init__(self, tables):
         self.tables = tables
-        self.known = {}
+        self.known = {}     # (op, relname) -> [Shape]
+        self.learnt = {}    # (op, relname) -> shapes learnt
 
     def row(self, statement):
         _, op, relname, text, rows = statement
@@ -400,42 +405,45 @@ class Shapes:
         for shape in shapes:
             match = shape.regex.fullmatch(text)
             if match is not None:
-                return shape.row(match, text)
-        shape = self.learn(op, relname, text)
+                return shape.row(match.groups(), text)
+        learnt = self.learnt[op, relname] = self.learnt.get((op, relname), 0) + 1
+        shape, literals = self.learn(op, relname, text, learnt <= self.KEEP)
         if shape is None:
             return None
-        shapes.insert(0, shape)
-        del shapes[self.KEEP:]
-        return shape.row(shape.regex.fullmatch(text), text)
+        if shape.regex is not None:
+            shapes.insert(0, shape)
+        return shape.row(literals, text)
 
-    def learn(self, op, relname, text):
-        """The Shape of a statement the general regexes parse, else None."""
+    def learn(self, op, relname, text, compiled):
+        """(the Shape of a statement the general regexes parse, its literals), else (None, None)."""
         table = self.tables(relname)
+        pattern = _pattern if compiled else lambda *pieces: None
         if op == "I":
             parsed = parse_insert(text)
             if parsed is None or parsed[1] != relname:
-                return None
-            head, _, columns, _, _ = parsed
-            regex = _pattern(head, "(", *[p for i in range(len(columns)) for p in [", "] * (i > 0) + [None]], ")")
+                return None, None
+            head, _, columns, _, literals = parsed
+            regex = pattern(head, "(", *[p for i in range(len(columns)) for p in [", "] * (i > 0) + [None]], ")")
             positions = tuple(columns.index(c) for c in table.key if c in columns) if table else ()
             reorder = table is not None and table.reorder and len(positions) == len(table.key)
             return Shape(regex, None if table is None else ("I", relname, head),
-                         positions if reorder else None, reorder, len(head), 0)
+                         positions if reorder else None, reorder, len(head), 0), literals
         parsed = parse_update(text) if op == "U" else parse_delete(text)
         if parsed is None or parsed[0] != relname:
-            return None
+            return None, None
         assignments, keys = (parsed[1], parsed[2]) if op == "U" else ((), parsed[1])
         set_columns, key_columns = tuple(c for c, _ in assignments), tuple(c for c, _ in keys)
         if op == "U":
-            regex = _pattern(f"UPDATE {relname} SET ", *_assignments(set_columns, ", "), " WHERE ",
+            regex = pattern(f"UPDATE {relname} SET ", *_assignments(set_columns, ", "), " WHERE ",
                              *_assignments(key_columns, " AND "))
         else:
-            regex = _pattern(f"DELETE FROM {relname} WHERE ", *_assignments(key_columns, " AND "))
+            regex = pattern(f"DELETE FROM {relname} WHERE ", *_assignments(key_columns, " AND "))
         groupable = table is not None and not set(set_columns) & set(key_columns) and all(
             c in table.types for c in set_columns + key_columns)
         return Shape(regex, (op, relname, set_columns, key_columns) if groupable else None,
                      tuple(range(len(set_columns), len(set_columns) + len(key_columns))),
-                     groupable and table.reorder and key_columns == table.key, 0, len(set_columns))
+                     groupable and table.reorder and key_columns == table.key, 0, len(set_columns)), \
+            tuple(v for _, v in assignments + keys)
 
 
 @dataclass
@@ -447,9 +455,9 @@ class Group:
     parts: list = field(default_factory=list)
     size: int = 0
 
-    def add(self, part):
+    def add(self, part, size):
         self.parts.append(part)
-        self.size += len(part) if isinstance(part, str) else sum(map(len, part))
+        self.size += size
 
     def full(self):
         return self.size >= MERGE_MAX_BYTES or (self.group[0] != "I" and len(self.parts) >= GROUP_MAX_ROWS)
@@ -504,10 +512,14 @@ def group(statements, tables):
     segment's groups run in the order of their first event; an event on a row the segment already
     touched, any other statement, or a full group ends the segment. Each group's row count is
     checked per event (values_sql), so whatever goes wrong is caught, and apply_chunk replays
-    the chunk in id order to name the very event. tables(relname) gives the slave's Table or None.
+    the chunk in id order to name the very event. tables(relname) gives the slave's Table or None,
+    as it is before the chunk runs: from an administrator's statement on (it may change a table's
+    columns, key or triggers), every event runs as it came.
     """
     planned, groups, keys, shapes = [], {}, set(), Shapes(tables)
     last = None             # the previous event's Row in the segment
+    admin = next((i for i, s in enumerate(statements) if s.op == "S"), len(statements))
+    statements, after_admin = statements[:admin], statements[admin:]
 
     def flush():
         planned.extend(g.statement(tables) for g in groups.values())
@@ -529,12 +541,12 @@ def group(statements, tables):
             current = None
         if current is None:
             current = groups[row.group] = Group(statement, row.group)
-        current.add(row.part)
+        current.add(row.part, len(statement.sql))
         if row.key is not None:
             keys.add((row.group[1], row.key))
         last = row
     flush()
-    return planned
+    return planned + after_admin
 
 
 def plan(events, tables, precise=False):
@@ -542,8 +554,8 @@ def plan(events, tables, precise=False):
     unless precise, single-row INSERTs, UPDATEs and DELETEs are grouped for speed (group), else
     every other event is one statement, in id order."""
     statements = merge_truncates(events)
-    if precise:
-        return statements
+    if precise or len(statements) < 2:
+        return statements       # (one statement: nothing to group, no table to look up)
     return group(statements, tables)
 
 

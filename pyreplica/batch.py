@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import psycopg2
 import psycopg2.extensions
+from psycopg2 import sql
 
 from . import apply, log, master, twophase
 
@@ -129,21 +130,30 @@ def abandon(sides):
 def stream_events(master_conn, batch, skip_user=None, max_events=5000, max_bytes=8 << 20):
     """Yield the batch's events in id order, in lists bounded by count and bytes.
 
-    Reads through a server-side cursor, so memory stays flat however large the batch is.
+    Reads through a cursor on the master, FETCH_ROWS at a time, so memory stays flat however large
+    the batch is. DECLARE and the first FETCH go in one round trip, and a FETCH that returns fewer
+    rows ends it: a small batch costs one round trip. The cursor ends with the transaction.
     """
-    with master_conn.cursor(name=f"pyreplica_batch_{batch.batch_id}") as cur:
-        cur.itersize = FETCH_ROWS
-        cur.execute(master.BATCH_EVENTS, {"start": batch.start_snapshot, "end": batch.end_snapshot,
-                                          "skip_user": skip_user or None})
+    name = sql.Identifier(f"pyreplica_batch_{batch.batch_id}")
+    fetch = sql.SQL("FETCH FORWARD {} FROM {}").format(sql.Literal(FETCH_ROWS), name)
+    declare = sql.SQL("DECLARE {} NO SCROLL CURSOR FOR {}; {}").format(name, sql.SQL(master.BATCH_EVENTS), fetch)
+    with master_conn.cursor() as cur:
+        cur.execute(declare, {"start": batch.start_snapshot, "end": batch.end_snapshot,
+                              "skip_user": skip_user or None})
         chunk, size = [], 0
-        for row in cur:
-            event = Event(*row)
-            chunk.append(event)
-            size += len(event.sql)
-            # never between the TRUNCATEs of one statement: they replay as one (apply.plan)
-            if (len(chunk) >= max_events or size >= max_bytes) and event.op != "T":
-                yield chunk
-                chunk, size = [], 0
+        while True:
+            rows = cur.fetchall()
+            for row in rows:
+                event = Event(*row)
+                chunk.append(event)
+                size += len(event.sql)
+                # never between the TRUNCATEs of one statement: they replay as one (apply.plan)
+                if (len(chunk) >= max_events or size >= max_bytes) and event.op != "T":
+                    yield chunk
+                    chunk, size = [], 0
+            if len(rows) < FETCH_ROWS:
+                break
+            cur.execute(fetch)
         if chunk:
             yield chunk
 

@@ -96,6 +96,14 @@ def test_a_key_change_a_truncate_another_form_or_a_missing_table_is_a_barrier_re
     assert [planned[i] for i in (1, 3, 5, 7)] == barriers
 
 
+def test_from_an_administrators_statement_on_every_event_runs_as_it_came():
+    """The slave's table facts are read before the chunk runs; ALTER TABLE may change them."""
+    alter = st(3, "S", "ALTER TABLE public.t ENABLE ALWAYS TRIGGER audit", relname=None)
+    statements = [upd(1, 1), upd(2, 2), alter, upd(4, 3), upd(5, 4)]
+    assert shape(group(statements, tables)) == [(1, "U", "public.t", 2), (3, "S", None, 1),
+                                                (4, "U", "public.t", 1), (5, "U", "public.t", 1)]
+
+
 def test_a_strict_tables_events_group_only_while_consecutive():
     statements = [ins(1, 1, table="public.strict"), ins(2, 2, table="public.strict"), upd(3, 1, table="public.strict"),
                   ins(4, 3, table="public.strict"), ins(5, 1), upd(6, 4, table="public.strict"),
