@@ -94,7 +94,8 @@ TABLE_INFO = """
 SELECT quote_ident(a.attname), format_type(a.atttypid, -1), k.ord,
        NOT c.relhasrules AND NOT EXISTS (
            SELECT FROM pg_trigger g
-            WHERE g.tgrelid IN (SELECT relid FROM pg_partition_tree(c.oid)) AND g.tgenabled IN ('A', 'R'))
+            WHERE (g.tgrelid = c.oid OR g.tgrelid IN (SELECT relid FROM pg_partition_tree(c.oid)))
+              AND g.tgenabled IN ('A', 'R'))
        AND EXISTS (SELECT FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)
   FROM pg_class c
   JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped

@@ -391,3 +391,31 @@ def test_grouped_replay_of_random_histories_equals_the_master(property_slave, hi
     finally:
         conn.rollback()
         conn.close()
+
+
+def test_a_table_whose_triggers_or_rules_see_replayed_rows_never_has_its_events_reordered(slave):
+    ddl = """
+    CREATE TABLE t (id int PRIMARY KEY, v text);
+    CREATE TABLE audited (b text, a int, v text, PRIMARY KEY (a, b));
+    CREATE TABLE logged (id int PRIMARY KEY, v text);
+    CREATE TABLE ruled (id int PRIMARY KEY, v text);
+    CREATE TABLE keyless (id int, v text);
+    CREATE FUNCTION note() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$;
+    CREATE TRIGGER audit AFTER UPDATE ON audited FOR EACH ROW EXECUTE FUNCTION note();
+    ALTER TABLE audited ENABLE ALWAYS TRIGGER audit;
+    CREATE TRIGGER log AFTER UPDATE ON logged FOR EACH ROW EXECUTE FUNCTION note();
+    CREATE RULE keep AS ON DELETE TO ruled DO INSTEAD NOTHING;
+    CREATE TABLE parted (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);
+    CREATE TABLE parted1 PARTITION OF parted FOR VALUES FROM (0) TO (100);
+    CREATE TRIGGER audit AFTER UPDATE ON parted1 FOR EACH ROW EXECUTE FUNCTION note();
+    ALTER TABLE parted1 ENABLE REPLICA TRIGGER audit;
+    """
+    with slave_session(slave, ddl) as cur:
+        tables = apply.slave_tables(cur)
+        assert tables("public.t") == apply.Table({"id": "integer", "v": "text"}, ("id",), True)
+        assert tables("public.audited") == apply.Table({"b": "text", "a": "integer", "v": "text"}, ("a", "b"), False)
+        assert tables("public.logged").reorder      # an ordinary trigger does not fire in replica mode
+        assert not tables("public.ruled").reorder
+        assert not tables("public.parted").reorder      # a partition's trigger counts
+        assert tables("public.keyless") == apply.Table({"id": "integer", "v": "text"}, (), False)
+        assert tables("public.gone") is None
