@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import psycopg2
 
-from . import apply, log, master
+from . import apply, log, master, wakeup
 from .batch import Batch, Stopping
 from .db import ConnectionLost, ReplicaError, first_line, is_connection_error
 from .filters import Pipeline
@@ -202,14 +202,45 @@ class Replicator:
 
     # -- waiting --------------------------------------------------------------------------------
     def wait_for_notify(self, quiet):
-        """Block until a NOTIFY, the keepalive timeout or a stop signal. No polling of the master."""
+        """Block until a NOTIFY, the keepalive timeout or a stop signal: True when woken for work.
+        No polling of the master: the daemon sleeps holding the wake-up lock, taken before a last
+        look for events, so that every writer committing after that look NOTIFYs (docs/design.md §3)."""
         (self.log.debug if quiet else self.log.info)("Waiting for 'NOTIFY'")
         listener = self.sides.listener
-        ready = self.wakeup.wait(self.config.KEEPALIVE or None, also=[listener])
-        if listener in ready:
+        deadline = time.monotonic() + self.config.KEEPALIVE if self.config.KEEPALIVE else None
+        if wakeup.pending(listener, self.sides.position[0]):
+            return True                     # committed while the batch ran: no need to sleep
+        while not self.stop_requested:
             listener.poll()
-            listener.notifies.clear()
-            return True
+            listener.notifies.clear()       # their writers committed: the look below sees them
+            locked = wakeup.take_lock(listener)
+            if listener.notifies or wakeup.pending(listener, self.sides.position[0]):
+                if locked:
+                    wakeup.release_lock(listener)
+                listener.notifies.clear()
+                return True
+            if locked:
+                break
+            # another daemon sleeps with the lock, or a prepared transaction holds it: looked, retry
+            if deadline is not None and time.monotonic() >= deadline:
+                return self.keepalive_timeout()
+        else:
+            return False
+        try:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready = self.wakeup.wait(timeout, also=[listener])
+            if listener in ready:
+                listener.poll()
+                listener.notifies.clear()
+                return True
+        finally:
+            # awake, the lock is free: writers stop paying for NOTIFY (on a lost connection the
+            # server has released it with the session)
+            if not listener.closed:
+                wakeup.release_lock(listener)
+        return self.keepalive_timeout()
+
+    def keepalive_timeout(self):
         if not self.stop_requested:
             self.log.info("Timeout('keepalive')!")
         return False
