@@ -206,30 +206,44 @@ class Replicator:
         No polling of the master: the daemon sleeps holding the wake-up lock, taken before a last
         look for events, so that every writer committing after that look NOTIFYs (docs/design.md §3)."""
         (self.log.debug if quiet else self.log.info)("Waiting for 'NOTIFY'")
-        listener = self.sides.listener
         deadline = time.monotonic() + self.config.KEEPALIVE if self.config.KEEPALIVE else None
-        if wakeup.pending(listener, self.sides.position[0]):
+        if wakeup.pending(self.sides.listener, self.sides.position[0]):
             return True                     # committed while the batch ran: no need to sleep
         while not self.stop_requested:
-            listener.poll()
-            listener.notifies.clear()       # their writers committed: the look below sees them
-            locked = wakeup.take_lock(listener)
-            if listener.notifies or wakeup.pending(listener, self.sides.position[0]):
-                if locked:
-                    wakeup.release_lock(listener)
-                listener.notifies.clear()
+            found, locked = self.lock_and_look()
+            if found:
                 return True
             if locked:
-                break
-            # another daemon sleeps with the lock, or a prepared transaction holds it: looked, retry
+                return self.sleep_holding_lock(deadline)
+            # another daemon sleeps with the lock, or a transaction (open or prepared) holds it
+            # shared: we looked, try again
             if deadline is not None and time.monotonic() >= deadline:
                 return self.keepalive_timeout()
-        else:
-            return False
+        return False
+
+    def lock_and_look(self):
+        """Take the wake-up lock (or give up after LOCK_WAIT), then look for work: (found, locked).
+        Holds the lock only when it returns (False, True)."""
+        listener = self.sides.listener
+        listener.poll()
+        listener.notifies.clear()           # their writers committed: the look below sees them
+        locked = wakeup.take_lock(listener)
+        found = wakeup.pending(listener, self.sides.position[0])
+        # psycopg2 moves notifications that came with a reply into .notifies, where select() does
+        # not see them: look there after the last query (poll() takes in what else is buffered)
+        listener.poll()
+        if found or listener.notifies:
+            listener.notifies.clear()
+            if locked:
+                wakeup.release_lock(listener)
+            return True, False
+        return False, locked
+
+    def sleep_holding_lock(self, deadline):
+        listener = self.sides.listener
         try:
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready = self.wakeup.wait(timeout, also=[listener])
-            if listener in ready:
+            if listener in self.wakeup.wait(timeout, also=[listener]):
                 listener.poll()
                 listener.notifies.clear()
                 return True

@@ -8,7 +8,7 @@ import threading
 import time
 
 from pyreplica.wakeup import LOCK_KEYS
-from replication import Daemon, contents, create_on_both, wait_identical, wait_until
+from replication import Daemon, contents, create_on_both, run_cli, wait_identical, wait_until
 
 KEEPALIVE = 300
 BOUND = 10.0            # seconds an event may take to reach the slave: far below KEEPALIVE
@@ -29,8 +29,11 @@ def count(db):
     return db.scalar("SELECT count(*) FROM t")
 
 
-def wait_rows(slave, rows, what):
-    wait_until(lambda: count(slave) == rows, BOUND, interval=0.005, message=f"{rows} rows on the slave ({what})")
+def wait_rows(slave, rows, what, daemon=None):
+    try:
+        wait_until(lambda: count(slave) == rows, BOUND, interval=0.005, message=f"{rows} rows on the slave ({what})")
+    except AssertionError as e:
+        raise AssertionError(f"{e}; the daemon's output ends:\n{daemon.output[-1500:] if daemon else ''}") from None
 
 
 def test_commits_racing_the_daemon_going_to_sleep_are_never_lost(master, slave):
@@ -54,7 +57,7 @@ def test_commits_racing_the_daemon_going_to_sleep_are_never_lost(master, slave):
                 w.start()
             for w in writers:
                 w.join()
-            wait_rows(slave, next_id[0], f"round {round_no}")
+            wait_rows(slave, next_id[0], f"round {round_no}", daemon)
         assert daemon.stop() == 0
     for conn in conns:
         conn.close()
@@ -87,13 +90,15 @@ def test_writers_notify_only_while_the_daemon_sleeps(master, slave):
             wait_until(lambda: received(observer) == 1, BOUND, message="one NOTIFY")
         wait_rows(slave, 10, "the writes while it slept")
 
-        # busy with a backlog of 100,000 events (one transaction on the slave): 50 writing
+        # busy with a backlog of 300,000 events (one transaction on the slave): 50 writing
         # transactions committed meanwhile send no NOTIFY
-        master.execute("INSERT INTO t SELECT g, 'backlog' FROM generate_series(10001, 110000) g")
+        master.execute("INSERT INTO t SELECT g, 'backlog' FROM generate_series(10001, 310000) g")
         wait_until(lambda: not asleep(master), BOUND, interval=0.005, message="the daemon awake")
         received(observer)
-        for i in range(200001, 200051):
-            master.execute("INSERT INTO t VALUES (%s, 'while busy')", (i,))
+        writer = master.connect()
+        for i in range(400001, 400051):
+            writer.cursor().execute("INSERT INTO t VALUES (%s, 'while busy')", (i,))
+        writer.close()
         time.sleep(0.2)             # a NOTIFY sent at commit has arrived by now
         assert count(slave) == 10, "the backlog was applied before the writes ended: the test proves nothing"
         assert received(observer) == 0
@@ -105,13 +110,15 @@ def test_writers_notify_only_while_the_daemon_sleeps(master, slave):
 def test_two_daemons_on_one_master_both_stay_live(master, slave, slave2):
     create_on_both(master, slave, DDL, ["t"])
     slave2.execute(DDL)
+    for name in ("s1", "s2"):       # both from the start: the first one's prunes must not race the second
+        assert run_cli("register", name, master.dsn)[0] == 0
     with Daemon(master, slave, name="s1", keepalive=KEEPALIVE) as one, \
             Daemon(master, slave2, name="s2", keepalive=KEEPALIVE) as two:
         for i in range(1, 31):
             time.sleep(random.uniform(0, 0.3))      # sometimes both asleep (one queued), sometimes not
             master.execute("INSERT INTO t VALUES (%s, 'both')", (i,))
-            wait_rows(slave, i, "first slave")
-            wait_rows(slave2, i, "second slave")
+            wait_rows(slave, i, "first slave", one)
+            wait_rows(slave2, i, "second slave", two)
         assert one.stop() == 0 and two.stop() == 0
     assert contents(slave, "t") == contents(slave2, "t") == contents(master, "t")
 
@@ -127,12 +134,17 @@ def test_a_prepared_transaction_holding_the_lock_does_not_hang_the_daemon(master
         assert master.scalar(LOCK_HELD, (*LOCK_KEYS, "ShareLock")) == 0
         master.execute("COMMIT PREPARED 'app-no-lock'")
 
-        # one that took it shared (as a writer does while the daemon works) and then PREPAREd
+        # one that took it shared (as a writer does while the daemon works) and then PREPAREd: it
+        # waits for the sleeping daemon's lock, and another writer's NOTIFY wakes the daemon
+        waker = threading.Timer(0.3, master.execute, ("INSERT INTO t VALUES (100, 'wakes the daemon')",))
+        waker.start()
+        app.close()                 # psycopg2 does not know PREPARE ended the transaction
+        app = master.connect(autocommit=False)
         with app.cursor() as cur:
-            cur.execute("SET LOCAL pyreplica.notify = off; SELECT pg_try_advisory_xact_lock_shared(%s, %s)",
-                        LOCK_KEYS)
+            cur.execute("SET LOCAL pyreplica.notify = off; SELECT pg_advisory_xact_lock_shared(%s, %s)", LOCK_KEYS)
             cur.execute("INSERT INTO t VALUES (2, 'prepared, holding the lock')")
             cur.execute("PREPARE TRANSACTION 'app-lock'")
+        waker.join()
         assert master.scalar(LOCK_HELD, (*LOCK_KEYS, "ShareLock")) == 1
         for i in range(3, 13):
             master.execute("INSERT INTO t VALUES (%s, 'meanwhile')", (i,))
@@ -142,4 +154,4 @@ def test_a_prepared_transaction_holding_the_lock_does_not_hang_the_daemon(master
         wait_identical(master, slave, ["t"], timeout=BOUND)
         assert daemon.stop() == 0
     app.close()
-    assert count(slave) == 12
+    assert count(slave) == 13
