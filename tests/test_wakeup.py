@@ -36,6 +36,12 @@ def wait_rows(slave, rows, what, daemon=None):
         raise AssertionError(f"{e}; the daemon's output ends:\n{daemon.output[-1500:] if daemon else ''}") from None
 
 
+def write_soon(conn, ids):
+    time.sleep(random.uniform(0, 0.004))
+    with conn.cursor() as cur:
+        cur.execute("INSERT INTO t SELECT i, 'round' FROM unnest(%s::int[]) i", (ids,))
+
+
 def test_commits_racing_the_daemon_going_to_sleep_are_never_lost(master, slave):
     """200 rounds: right after the daemon's batch commits (it is going to sleep), 3 writers commit
     after random small delays; every row must reach the slave without the keepalive."""
@@ -44,15 +50,11 @@ def test_commits_racing_the_daemon_going_to_sleep_are_never_lost(master, slave):
     next_id = [0]
     with Daemon(master, slave, name="s1", keepalive=KEEPALIVE) as daemon:
         for round_no in range(200):
-            def write(conn, ids):
-                time.sleep(random.uniform(0, 0.004))
-                with conn.cursor() as cur:
-                    cur.execute("INSERT INTO t SELECT i, 'round' FROM unnest(%s::int[]) i", (ids,))
             writers = []
             for conn in conns:
                 ids = list(range(next_id[0] + 1, next_id[0] + 1 + random.randint(1, 3)))
                 next_id[0] = ids[-1]
-                writers.append(threading.Thread(target=write, args=(conn, ids)))
+                writers.append(threading.Thread(target=write_soon, args=(conn, ids)))
             for w in writers:
                 w.start()
             for w in writers:
