@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import psycopg2
 
-from . import apply, log, master
+from . import apply, log, master, wakeup
 from .batch import Batch, Stopping
 from .db import ConnectionLost, ReplicaError, first_line, is_connection_error
 from .filters import Pipeline
@@ -202,14 +202,59 @@ class Replicator:
 
     # -- waiting --------------------------------------------------------------------------------
     def wait_for_notify(self, quiet):
-        """Block until a NOTIFY, the keepalive timeout or a stop signal. No polling of the master."""
+        """Block until a NOTIFY, the keepalive timeout or a stop signal: True when woken for work.
+        No polling of the master: the daemon sleeps holding the wake-up lock, taken before a last
+        look for events, so that every writer committing after that look NOTIFYs (docs/design.md §3)."""
         (self.log.debug if quiet else self.log.info)("Waiting for 'NOTIFY'")
+        deadline = time.monotonic() + self.config.KEEPALIVE if self.config.KEEPALIVE else None
+        if wakeup.pending(self.sides.listener, self.sides.position[0]):
+            return True                     # committed while the batch ran: no need to sleep
+        while not self.stop_requested:
+            found, locked = self.lock_and_look()
+            if found:
+                return True
+            if locked:
+                return self.sleep_holding_lock(deadline)
+            # another daemon sleeps with the lock, or a transaction (open or prepared) holds it
+            # shared: we looked, try again
+            if deadline is not None and time.monotonic() >= deadline:
+                return self.keepalive_timeout()
+        return False
+
+    def lock_and_look(self):
+        """Take the wake-up lock (or give up after LOCK_WAIT), then look for work: (found, locked).
+        Holds the lock only when it returns (False, True)."""
         listener = self.sides.listener
-        ready = self.wakeup.wait(self.config.KEEPALIVE or None, also=[listener])
-        if listener in ready:
-            listener.poll()
+        listener.poll()
+        listener.notifies.clear()           # their writers committed: the look below sees them
+        locked = wakeup.take_lock(listener)
+        found = wakeup.pending(listener, self.sides.position[0])
+        # psycopg2 moves notifications that came with a reply into .notifies, where select() does
+        # not see them: look there after the last query (poll() takes in what else is buffered)
+        listener.poll()
+        if found or listener.notifies:
             listener.notifies.clear()
-            return True
+            if locked:
+                wakeup.release_lock(listener)
+            return True, False
+        return False, locked
+
+    def sleep_holding_lock(self, deadline):
+        listener = self.sides.listener
+        try:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if listener in self.wakeup.wait(timeout, also=[listener]):
+                listener.poll()
+                listener.notifies.clear()
+                return True
+        finally:
+            # awake, the lock is free: writers stop paying for NOTIFY (on a lost connection the
+            # server has released it with the session)
+            if not listener.closed:
+                wakeup.release_lock(listener)
+        return self.keepalive_timeout()
+
+    def keepalive_timeout(self):
         if not self.stop_requested:
             self.log.info("Timeout('keepalive')!")
         return False

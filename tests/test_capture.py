@@ -11,6 +11,7 @@ import pytest
 from pyreplica import apply
 from pyreplica.batch import Event
 from pyreplica.db import connect
+from pyreplica.wakeup import LOCK_KEYS
 
 
 def create_tg(db, name):
@@ -71,7 +72,7 @@ def test_noop_update_logs_nothing_and_notifies_nobody(master):
     create_tg(master, "s")
     master.execute("""INSERT INTO s VALUES (1, '{"a": 1}')""")
     with contextlib.closing(master.connect()) as listener:
-        listener.cursor().execute("LISTEN replicas")
+        listen_as_a_sleeping_daemon(listener)
         master.execute("""UPDATE s SET v = '{"a": 1}', id = 1""")
         assert len(log(master)) == 1
         assert notifications(listener, wait=0.5) == 0
@@ -153,6 +154,11 @@ def test_dropping_the_primary_key_of_a_replicated_table_is_refused(master):
 
 
 # -- notifications and who wrote -------------------------------------------------------------------
+def listen_as_a_sleeping_daemon(conn):
+    """LISTEN and hold the wake-up lock, as a daemon does while it sleeps: only then do writers NOTIFY."""
+    conn.cursor().execute("LISTEN replicas; SELECT pg_advisory_lock(%s, %s)", LOCK_KEYS)
+
+
 def notifications(conn, wait):
     """How many notifications conn gets within `wait` seconds."""
     deadline, count = time.monotonic() + wait, 0
@@ -172,7 +178,7 @@ def test_one_notification_per_writing_transaction(master):
     create_tg(master, "b")
     with contextlib.closing(master.connect()) as listener, \
             contextlib.closing(master.connect(autocommit=False)) as writer:
-        listener.cursor().execute("LISTEN replicas")
+        listen_as_a_sleeping_daemon(listener)
         with writer.cursor() as cur:
             cur.execute("INSERT INTO a SELECT generate_series(1, 100)")
             cur.execute("INSERT INTO b VALUES (1, 'x'), (2, 'y')")

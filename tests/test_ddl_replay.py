@@ -11,7 +11,7 @@ from psycopg2 import sql
 from pyreplica import apply
 from pyreplica.batch import Event
 from replication import Daemon, create_on_both, wait_identical, wait_until
-from test_capture import create_tg, log, notifications
+from test_capture import create_tg, listen_as_a_sleeping_daemon, log, notifications
 
 MOODS = "CREATE TYPE mood AS ENUM ('sad', 'ok'); CREATE TABLE t (id int PRIMARY KEY, m mood)"
 
@@ -125,9 +125,11 @@ def test_application_that_prepares_its_transactions_replicates_at_the_next_wakeu
     plain, quiet = f"plain_{master.name}", f"quiet_{master.name}"
     app_role(master, plain)
     app_role(master, quiet, "ALTER ROLE {r} SET pyreplica.notify = off")
-    with pytest.raises(psycopg2.Error, match="cannot PREPARE a transaction that has executed LISTEN, UNLISTEN, "
-                                             "or NOTIFY"):
-        prepare_insert(master, plain, 1)
+    with contextlib.closing(master.connect()) as sleeper:
+        listen_as_a_sleeping_daemon(sleeper)        # the trigger NOTIFYs only while a daemon sleeps
+        with pytest.raises(psycopg2.Error, match="cannot PREPARE a transaction that has executed LISTEN, UNLISTEN, "
+                                                 "or NOTIFY"):
+            prepare_insert(master, plain, 1)
     with Daemon(master, slave, name="s1", keepalive=2) as daemon, \
             contextlib.closing(master.connect()) as listener:
         listener.cursor().execute("LISTEN replicas")

@@ -296,8 +296,11 @@ COMMENT ON FUNCTION pyreplica.py_log_capture_sql(regclass, "char") IS
     'pyreplica: the query that logs one statement''s rows of a table';
 
 -- The capture trigger. Kept tiny: find (or prepare once per backend) the logging query for this
--- table, operation and column signature, run it, NOTIFY. PostgreSQL folds identical NOTIFYs of one
--- transaction into one, so listeners get one notification per writing transaction.
+-- table, operation and column signature, run it, and wake a sleeping daemon. A daemon sleeps holding
+-- the wake-up lock (advisory lock 1887007333, 1, exclusive, docs/design.md §3): the trigger takes
+-- it shared until its transaction ends, and NOTIFYs only when it cannot (a daemon sleeps or queues
+-- for it). PostgreSQL serialises the commits of transactions that NOTIFY; while every daemon works,
+-- writers neither NOTIFY nor wait. Identical NOTIFYs of one transaction are folded into one.
 CREATE OR REPLACE FUNCTION pyreplica.py_log_replica()
 RETURNS trigger
 LANGUAGE plpython3u
@@ -314,12 +317,17 @@ SET lc_monetary = 'C'
 AS $py$
 # TD["args"][0] is the table's column signature, renewed by py_log_replica_ddl whenever
 # ALTER TABLE changes the columns: a new signature means a new query.
-# No NOTIFY while pyreplica replays (session_replication_role = replica, reached only by
-# ENABLE ALWAYS triggers in a cascade): PostgreSQL refuses to PREPARE a transaction that sent one;
-# the daemon notifies this database's listeners itself once the batch is committed. For the same
+# No wake-up (neither lock nor NOTIFY) while pyreplica replays (session_replication_role = replica,
+# reached only by ENABLE ALWAYS triggers in a cascade): PostgreSQL refuses to PREPARE a transaction
+# that sent a NOTIFY, and a prepared one holding the lock would keep daemons from sleeping; the
+# daemon notifies this database's listeners itself once the batch is committed. For the same
 # reason an application that prepares its own transactions sets pyreplica.notify = off (README).
-NOTIFY = ("SELECT pg_catalog.pg_notify('replicas', '') WHERE pg_catalog.current_setting('session_replication_role') <> 'replica'"
-          " AND coalesce(pg_catalog.current_setting('pyreplica.notify', true), '') <> 'off'")
+# CASE, not AND: the planner orders AND's operands by cost, and the lock must come last. Taking a
+# lock this transaction already holds is a local hash lookup: no need to remember it in SD.
+NOTIFY = ("SELECT pg_catalog.pg_notify('replicas', '') WHERE CASE"
+          " WHEN pg_catalog.current_setting('session_replication_role') = 'replica' THEN false"
+          " WHEN coalesce(pg_catalog.current_setting('pyreplica.notify', true), '') = 'off' THEN false"
+          " ELSE NOT pg_catalog.pg_try_advisory_xact_lock_shared(1887007333, 1) END")
 key = (TD["relid"], TD["event"], tuple(TD["args"] or ()))
 plan = SD.get(key)
 if plan is None:
