@@ -23,7 +23,7 @@ import psycopg2
 import psycopg2.extensions
 from psycopg2 import sql
 
-from . import apply, log, master, twophase
+from . import apply, log, master, sequences, twophase
 
 Event = namedtuple("Event", "id txid relname op sql username")
 
@@ -75,7 +75,8 @@ class Batch:
 
         First, in their own committed transactions, the administrator's statements that must not
         share the batch's (apply.run_alone, docs/design.md §6). Events skip-event named are left
-        out and marked skipped in the batch's transaction (self.skipped, for the caller's mail)."""
+        out and marked skipped in the batch's transaction (self.skipped, for the caller's mail).
+        Last, the slave's sequences are brought up to the master's (sequences.follow)."""
         self.skipped = []
         try:
             apply.before_batch(sides.slave, sides.reader, self,
@@ -99,6 +100,8 @@ class Batch:
                             apply.apply_chunk(cur, chunk, debug_level=settings.DEBUG_LEVEL)
                             self.applied += len(chunk)
                             progress(self)
+                with sides.reader.cursor() as master_cur:
+                    sequences.follow(master_cur, cur, sides.sequences)
                 apply.write_position(cur, self)
         except BaseException:
             abandon(sides)

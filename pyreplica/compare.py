@@ -23,7 +23,7 @@ import time
 import psycopg2
 from psycopg2 import sql
 
-from . import apply, master, progress
+from . import apply, master, progress, sequences
 from .db import ReplicaError, abandon_and_close, connect, first_line
 from .filters import Pipeline
 
@@ -236,7 +236,10 @@ def collect(config, name, wait):
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             for i, table in enumerate(tables, 1):
                 report["tables"].append(compare_table(master_conn, slave, table, pool, f"{i} of {len(tables)}"))
-        report["identical"] = all(t["identical"] for t in report["tables"])
+        with master_conn.cursor() as mcur, slave.cursor() as scur:
+            report["sequences"] = sequences.compare(mcur, scur)
+        report["identical"] = (all(t["identical"] for t in report["tables"])
+                               and not any(s["problem"] for s in report["sequences"]))
         return report
     finally:
         abandon_and_close(master_conn, slave)
@@ -249,8 +252,7 @@ def format_table(report):
     for t in report["tables"]:
         rows.append((t["table"], _text(t["master_rows"]), _text(t["slave_rows"]), _text(t["master_hash"])[:12],
                      _text(t["slave_hash"])[:12], "identical" if t["identical"] else "DIFFERENT"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    lines += _columns(rows)
     differing = [t for t in report["tables"] if not t["identical"]]
     for t in differing:
         lines += [f"  {t['table']}: {difference}" for difference in t["differences"]]
@@ -259,7 +261,25 @@ def format_table(report):
                      f"{', '.join(t['table'] for t in differing)}")
     else:
         lines.append(f"All {len(report['tables'])} table(s) identical")
-    return "\n".join(lines)
+    return "\n".join(lines + format_sequences(report["sequences"]))
+
+
+def format_sequences(found):
+    if not found:
+        return []
+    rows = [("SEQUENCE", "MASTER VALUE", "SLAVE VALUE", "RESULT")]
+    rows += [(s["sequence"], _text(s["master_value"]), _text(s["slave_value"]), "DIFFERENT" if s["problem"] else "ok")
+             for s in found]
+    lines = _columns(rows)
+    lines += [f"  {s['sequence']}: {s['problem']}" for s in found if s["problem"]]
+    bad = [s for s in found if s["problem"]]
+    lines.append(f"{len(bad)} of {len(found)} sequence(s) differ" if bad else f"All {len(found)} sequence(s) ok")
+    return lines
+
+
+def _columns(rows):
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
 
 
 def _text(value):

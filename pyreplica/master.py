@@ -32,6 +32,7 @@ REWIND = "SELECT pyreplica.rewind_slave(%s::text, %s::pg_snapshot, %s::bigint)"
 TOUCH = "SELECT pyreplica.touch(%s::text)"
 PRUNE = "SELECT pyreplica.prune(%s::int)"
 DROP_SLAVE = "SELECT pyreplica.drop_slave(%s::text)"
+SEQUENCE_VALUES = "SELECT name, last_value FROM pyreplica.sequence_values()"
 
 # The events a batch replays (docs/design.md §4): not applied at the start snapshot, visible at the end.
 # The txid bound lets the log's txid index do the work.
@@ -141,3 +142,9 @@ def prune(cur, rows):
 
 def drop_slave(conn, name):
     return fetch_one(conn, DROP_SLAVE, (name,))
+
+
+def sequence_values(cur):
+    """{"schema"."sequence": last value} of every followed sequence that has handed out a value."""
+    cur.execute(SEQUENCE_VALUES)
+    return dict(cur.fetchall())

@@ -50,6 +50,7 @@ class Sides:
         self.token = None
         self.position = None        # (snapshot, batch_id) committed on the slave
         self.cascading = False      # the slave is itself a master: wake its own daemons after a batch
+        self.sequences = {}         # sequence -> value this daemon last brought the slave to
 
     def _connect(self, dsn, side, search_path):
         client, server = keepalive_settings(self.config.PEER_TIMEOUT)

@@ -61,7 +61,8 @@ BEGIN
           FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace JOIN pg_roles r ON r.oid = p.proowner
          WHERE NOT r.rolsuper
            AND (n.nspname = 'pyreplica'
-                OR (n.nspname = 'public' AND p.proname IN ('py_log_create_tg', 'py_log_drop_tg', 'py_log_sql')))
+                OR (n.nspname = 'public' AND p.proname IN ('py_log_create_tg', 'py_log_drop_tg', 'py_log_sql',
+                                                                'py_log_create_seq', 'py_log_drop_seq')))
         UNION ALL
         SELECT format('type %s (owner %s)', t.oid::regtype, t.typowner::regrole)
           FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace JOIN pg_roles r ON r.oid = t.typowner
@@ -1114,6 +1115,128 @@ BEGIN
 END
 $upgrade$;
 
+-- ---------------------------------------------------------------------------------------------
+-- Sequences (docs/design.md §11). A sequence is not transactional and nextval writes no row, so the
+-- log cannot carry it: each batch reads the values here and brings the slave's sequences up to them.
+-- Followed: every sequence behind a captured table (serial, identity, a column DEFAULT calling
+-- nextval), found from the catalogs at each read so that ALTER TABLE needs no bookkeeping, plus
+-- the sequences an administrator names with py_log_create_seq.
+-- ---------------------------------------------------------------------------------------------
+DO $sequences$
+BEGIN
+    IF to_regclass('pyreplica.replica_sequences') IS NULL THEN
+        CREATE TABLE pyreplica.replica_sequences (
+            name     text        PRIMARY KEY,     -- "schema"."sequence", as a slave finds it
+            added_at timestamptz NOT NULL DEFAULT now()
+        );
+        COMMENT ON TABLE pyreplica.replica_sequences IS 'pyreplica: sequences followed on request (py_log_create_seq)';
+        REVOKE ALL ON pyreplica.replica_sequences FROM PUBLIC;
+        GRANT SELECT ON pyreplica.replica_sequences TO pyreplica_daemon;
+    END IF;
+END
+$sequences$;
+
+-- The followed sequences that have handed out a value, with the last one ("schema"."name", value).
+CREATE OR REPLACE FUNCTION pyreplica.sequence_values()
+RETURNS TABLE (name text, last_value bigint)
+LANGUAGE sql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    WITH captured AS (
+        SELECT DISTINCT tgrelid AS rel FROM pg_trigger WHERE tgfoid = 'pyreplica.py_log_replica()'::regprocedure
+    ), followed AS (
+        -- serial (dependency 'a') and identity ('i') columns: the sequence depends on the table
+        SELECT d.objid AS seq FROM captured c
+          JOIN pg_depend d ON d.refclassid = 'pg_class'::regclass AND d.refobjid = c.rel
+         WHERE d.classid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')
+        UNION
+        -- DEFAULT nextval('...'): the default depends on the sequence
+        SELECT d.refobjid FROM captured c
+          JOIN pg_attrdef ad ON ad.adrelid = c.rel
+          JOIN pg_depend d ON d.classid = 'pg_attrdef'::regclass AND d.objid = ad.oid
+                          AND d.refclassid = 'pg_class'::regclass
+        UNION
+        SELECT to_regclass(r.name) FROM pyreplica.replica_sequences r
+    )
+    SELECT v.name, v.last_value
+      FROM (SELECT format('%I.%I', n.nspname, s.relname) AS name,
+                   -- CASE: the planner may try a condition on any pg_class row, not only sequences
+                   CASE WHEN s.relkind = 'S' THEN pg_sequence_last_value(s.oid) END AS last_value
+              FROM followed f
+              JOIN pg_class s ON s.oid = f.seq AND s.relkind = 'S'
+              JOIN pg_namespace n ON n.oid = s.relnamespace) v
+     WHERE v.last_value IS NOT NULL
+     ORDER BY 1;
+$fn$;
+COMMENT ON FUNCTION pyreplica.sequence_values() IS 'pyreplica: the followed sequences and their last values';
+
+-- The sequences a name can mean: "schema.name", or a bare name in whatever schema it is (as
+-- py_log_resolve does for tables: the caller's search_path does not reach in here).
+CREATE OR REPLACE FUNCTION pyreplica.py_log_find_sequences(seqname text)
+RETURNS SETOF text
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    parts text[];
+BEGIN
+    BEGIN
+        parts := parse_ident(seqname);
+    EXCEPTION WHEN others THEN
+        parts := NULL;
+    END;
+    RETURN QUERY SELECT format('%I.%I', n.nspname, c.relname)
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.relkind = 'S' AND c.relpersistence <> 't'
+       AND (c.relname = seqname
+            OR (array_length(parts, 1) = 1 AND c.relname = parts[1])
+            OR (array_length(parts, 1) = 2 AND n.nspname = parts[1] AND c.relname = parts[2]))
+     ORDER BY 1;
+END
+$fn$;
+COMMENT ON FUNCTION pyreplica.py_log_find_sequences(text) IS 'pyreplica: the sequences a name can mean';
+
+-- Follow one more sequence (one not behind a captured table); a line saying what happened.
+CREATE OR REPLACE FUNCTION pyreplica.py_log_create_seq(seqname text)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    found text[] := ARRAY(SELECT pyreplica.py_log_find_sequences(seqname));
+BEGIN
+    IF cardinality(found) = 0 THEN
+        RETURN format('%s is not a sequence (couldn''t be replicated)!', seqname);
+    ELSIF cardinality(found) > 1 THEN
+        RETURN format('sequence %s is ambiguous: it could be %s; give it as schema.name', seqname,
+                      array_to_string(found, ' or '));
+    END IF;
+    INSERT INTO pyreplica.replica_sequences (name) VALUES (found[1]) ON CONFLICT DO NOTHING;
+    RETURN format('following sequence %s', found[1]);
+END
+$fn$;
+COMMENT ON FUNCTION pyreplica.py_log_create_seq(text) IS 'pyreplica: follow a sequence on every slave';
+
+CREATE OR REPLACE FUNCTION pyreplica.py_log_drop_seq(seqname text)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    gone text;
+BEGIN
+    DELETE FROM pyreplica.replica_sequences
+     WHERE name = seqname OR name IN (SELECT pyreplica.py_log_find_sequences(seqname))
+    RETURNING name INTO gone;
+    IF gone IS NULL THEN
+        RETURN format('sequence %s was not followed on request (a sequence behind a captured table is followed with it)', seqname);
+    END IF;
+    RETURN format('no longer following sequence %s', gone);
+END
+$fn$;
+COMMENT ON FUNCTION pyreplica.py_log_drop_seq(text) IS 'pyreplica: stop following a sequence named with py_log_create_seq';
+
 -- (Re)created only when missing or different, so that running this script again changes nothing.
 DO $evt$
 BEGIN
@@ -1148,6 +1271,16 @@ RETURNS bigint LANGUAGE sql
 AS $fn$ SELECT pyreplica.py_log_sql(statement) $fn$;
 COMMENT ON FUNCTION public.py_log_sql(text) IS 'pyreplica: entry point of pyreplica.py_log_sql';
 
+CREATE OR REPLACE FUNCTION public.py_log_create_seq(seqname text)
+RETURNS text LANGUAGE sql
+AS $fn$ SELECT pyreplica.py_log_create_seq(seqname) $fn$;
+COMMENT ON FUNCTION public.py_log_create_seq(text) IS 'pyreplica: entry point of pyreplica.py_log_create_seq';
+
+CREATE OR REPLACE FUNCTION public.py_log_drop_seq(seqname text)
+RETURNS text LANGUAGE sql
+AS $fn$ SELECT pyreplica.py_log_drop_seq(seqname) $fn$;
+COMMENT ON FUNCTION public.py_log_drop_seq(text) IS 'pyreplica: entry point of pyreplica.py_log_drop_seq';
+
 DO $view$
 BEGIN
     IF to_regclass('public.replica_log') IS NULL THEN
@@ -1175,7 +1308,7 @@ BEGIN
         pyreplica.rewind_slave(text, pg_snapshot, bigint),
         pyreplica.batch_end(pg_snapshot, pg_snapshot, bigint), pyreplica.snapshot_covers(pg_snapshot, pg_snapshot),
         pyreplica.touch(text), pyreplica.prune(int), pyreplica.drop_slave(text),
-        pyreplica.skip_event(text, bigint)
+        pyreplica.skip_event(text, bigint), pyreplica.sequence_values()
         TO pyreplica_daemon;
 END
 $grants$;
