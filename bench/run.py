@@ -5,7 +5,8 @@ Starts its own throw-away clusters with fsync, synchronous_commit and full_page_
   logical  wal_level = logical: master for native replication's write cost, catch-up, latency, memory
   slave    the slaves: pyreplica's slave databases and the native subscribers
 and measures, in one run, master write cost (wall clock, the writer backends' CPU per transaction,
-tps at 1, 4, 8 and 16 clients), catch-up, latency and the daemon's memory (see each module's
+tps at 1, 4, 8 and 16 clients), catch-up, latency, the daemon's memory and the log's size
+under sustained writes (see each module's
 docstring for the method). Each figure is the median of `rounds` runs. Prints a table,
 then one line `ratios: key=value ...`.
 """
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import time
 
-from . import catchup, latency, memory, write_cost
+from . import bloat, catchup, latency, memory, write_cost
 from pyreplica.cluster import bindir
 
 from .common import start_cluster
@@ -40,6 +41,8 @@ class Scale:
     latency_rate: int = 200
     memory_rows: int = 1_000_000
     memory_rounds: int = 3
+    bloat_seconds: float = 600            # sustained writes with the daemon keeping up ...
+    bloat_stopped_seconds: float = 60     # ... then writes while it is stopped
     timeout: float = 600
 
 
@@ -47,11 +50,13 @@ SCALES = {
     "full": Scale(),
     "quick": Scale(pgbench_seconds=1, update_rows=20_000, bulk_rows=50_000, cpu_seconds=1.5, clients_seconds=1,
                    catchup_single=10_000,
-                   catchup_big_rows=1_000, latency_seconds=3, memory_rows=100_000, timeout=120),
+                   catchup_big_rows=1_000, latency_seconds=3, memory_rows=100_000, bloat_seconds=45, bloat_stopped_seconds=15,
+                   timeout=120),
     "smoke": Scale(rounds=1, pgbench_seconds=0, pgbench_transactions=20, update_rows=100, bulk_rows=1_000,
                    cpu_seconds=0.3, clients_seconds=0, clients_transactions=10,
                    catchup_prefill=100, catchup_single=200, catchup_big_rows=20, latency_seconds=0.5,
-                   latency_rate=50, memory_rows=1_000, memory_rounds=1, timeout=60),
+                   latency_rate=50, memory_rows=1_000, memory_rounds=1, bloat_seconds=2, bloat_stopped_seconds=1,
+                   timeout=60),
 }
 
 HEADINGS = ("measurement", "system", "result")
@@ -126,7 +131,8 @@ def main(argv=None):
             (None, lambda: write_cost.measure(plain, logical, slave, scale, progress)),
             ("Catch-up", lambda: catchup.measure(logical, slave, scale, progress)),
             ("Latency", lambda: latency.measure(logical, slave, scale, progress)),
-            ("Memory", lambda: memory.measure(logical, slave, scale, progress)))
+            ("Memory", lambda: memory.measure(logical, slave, scale, progress)),
+            ("Log size", lambda: bloat.measure(plain, slave, scale, progress)))
         for title, measure in measures:
             found_sections, found = measure()
             sections += found_sections if title is None else [(title, found_sections)]

@@ -43,6 +43,7 @@ class Batch:
     end_snapshot: str = None    # master snapshot this batch brings it to
     more: bool = False          # a catch-up step: the master had committed more than this batch
     applied: int = 0            # events applied (after filters)
+    sequences: dict = field(default_factory=dict)   # the master's sequence values, read at begin
     _gids: dict = field(default_factory=dict, repr=False)
 
     # -- the steps ------------------------------------------------------------------------------
@@ -57,11 +58,8 @@ class Batch:
             with sides.reader.cursor() as cur:
                 # first statement of the REPEATABLE READ transaction: the event query reads with
                 # this very snapshot, which contains any tick chosen as the end
-                if max_events is None:
-                    batch.end_snapshot = master.current_snapshot(cur)
-                else:
-                    current, batch.end_snapshot = master.batch_end(cur, start_snapshot, max_events)
-                    batch.more = batch.end_snapshot != current
+                current, batch.end_snapshot, batch.sequences = master.batch_start(cur, start_snapshot, max_events)
+                batch.more = batch.end_snapshot != current
         except BaseException:
             abandon(sides)
             raise
@@ -76,7 +74,8 @@ class Batch:
         First, in their own committed transactions, the administrator's statements that must not
         share the batch's (apply.run_alone, docs/design.md §6). Events skip-event named are left
         out and marked skipped in the batch's transaction (self.skipped, for the caller's mail).
-        Last, the slave's sequences are brought up to the master's (sequences.follow)."""
+        Last, when it applied any event, the slave's sequences are brought up to the master's values
+        read at begin (sequences.catch_up)."""
         self.skipped = []
         try:
             apply.before_batch(sides.slave, sides.reader, self,
@@ -100,8 +99,8 @@ class Batch:
                             apply.apply_chunk(cur, chunk, debug_level=settings.DEBUG_LEVEL)
                             self.applied += len(chunk)
                             progress(self)
-                with sides.reader.cursor() as master_cur:
-                    sequences.follow(master_cur, cur, sides.sequences)
+                if self.applied:        # (no row written, none a sequence must stay ahead of)
+                    sequences.catch_up(cur, self.sequences, sides.sequences)
                 apply.write_position(cur, self)
         except BaseException:
             abandon(sides)

@@ -19,9 +19,13 @@ SELECT qualified, schema_name, table_name, columns, written_columns, pk, is_part
 """
 CURRENT_SNAPSHOT = "SELECT pg_catalog.pg_current_snapshot()::text"
 # The reader's snapshot and where the next batch from %(start)s ends: that snapshot, or a tick when
-# more than %(max_events)s events separate them (docs/design.md §4). One round trip, first statement.
-BATCH_END = """
-SELECT c::text, pyreplica.batch_end(%(start)s::pg_snapshot, c, %(max_events)s::bigint)::text
+# more than %(max_events)s events separate them (docs/design.md §4; NULL max_events: no bound), and
+# the followed sequences' values, read after that snapshot (§11). One round trip, first statement.
+BATCH_START = """
+SELECT c::text,
+       CASE WHEN %(max_events)s::bigint IS NULL THEN c
+            ELSE pyreplica.batch_end(%(start)s::pg_snapshot, c, %(max_events)s::bigint) END::text,
+       (SELECT pg_catalog.json_object_agg(name, last_value) FROM pyreplica.sequence_values())
   FROM (SELECT pg_catalog.pg_current_snapshot() AS c) now
 """
 REGISTER = "SELECT pyreplica.register_slave(%s::text, %s::pg_snapshot, %s::text, %s::text)::text"
@@ -30,9 +34,9 @@ LOG_START = "SELECT pyreplica.log_start()::text"
 CONFIRM = "SELECT pyreplica.confirm(%s::text, %s::pg_snapshot, %s::bigint, %s::bigint)"
 REWIND = "SELECT pyreplica.rewind_slave(%s::text, %s::pg_snapshot, %s::bigint)"
 TOUCH = "SELECT pyreplica.touch(%s::text)"
-PRUNE = "SELECT pyreplica.prune(%s::int)"
+PRUNE = "SELECT pyreplica.prune()"
 DROP_SLAVE = "SELECT pyreplica.drop_slave(%s::text)"
-SEQUENCE_VALUES = "SELECT name, last_value FROM pyreplica.sequence_values()"
+SEQUENCE_VALUES = "SELECT name, last_value FROM pyreplica.sequence_values()"   # (compare)
 
 # The events a batch replays (docs/design.md §4): not applied at the start snapshot, visible at the end.
 # The txid bound lets the log's txid index do the work.
@@ -97,11 +101,13 @@ def current_snapshot(cur):
     return cur.fetchone()[0]
 
 
-def batch_end(cur, start, max_events):
-    """(current snapshot, end snapshot of the next batch from `start`); run as the first statement
-    of the reader's REPEATABLE READ transaction, so the batch's events are read with that snapshot."""
-    cur.execute(BATCH_END, {"start": start, "max_events": max_events})
-    return cur.fetchone()
+def batch_start(cur, start, max_events):
+    """(current snapshot, end snapshot of the next batch from `start`, {sequence: value}); run as
+    the first statement of the reader's REPEATABLE READ transaction, so the batch's events are read
+    with that snapshot."""
+    cur.execute(BATCH_START, {"start": start, "max_events": max_events})
+    current, end, values = cur.fetchone()
+    return current, end, values or {}
 
 
 def register(conn, name, at=None, identity=(None, None)):
@@ -135,9 +141,20 @@ def touch(cur, name):
     cur.execute(TOUCH, (name,))
 
 
-def prune(cur, rows):
-    cur.execute(PRUNE, (rows,))
-    return cur.fetchone()[0]
+def prune(cur):
+    """Empty the log's partitions every slave has applied; events removed. `cur` is on an autocommit
+    connection: prune runs in a READ COMMITTED transaction of its own whatever the database's
+    default, since it must read again after taking a lock."""
+    cur.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
+    try:
+        cur.execute(PRUNE)
+        removed = cur.fetchone()[0]
+    except BaseException:
+        if not cur.connection.closed:
+            cur.execute("ROLLBACK")
+        raise
+    cur.execute("COMMIT")
+    return removed
 
 
 def drop_slave(conn, name):

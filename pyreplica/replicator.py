@@ -22,7 +22,6 @@ from .twophase import PrepareRefused
 from .wakeup import Wakeup
 
 PRUNE_EVERY = 10.0        # seconds between prunes of the master's log
-PRUNE_ROWS = 5000         # rows per prune transaction: short locks, no long DELETE
 SUMMARY_EVERY = 10.0      # seconds between "Applied ..." lines at DEBUG_LEVEL 1
 
 
@@ -191,9 +190,7 @@ class Replicator:
         try:
             with self.sides.listener.cursor() as cur:
                 master.touch(cur, self.name)
-                deleted = PRUNE_ROWS
-                while deleted >= PRUNE_ROWS and not self.stop_requested:
-                    deleted = master.prune(cur, PRUNE_ROWS)
+                master.prune(cur)
         except psycopg2.Error as e:
             if is_connection_error(e):
                 raise

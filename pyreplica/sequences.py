@@ -1,8 +1,8 @@
 """Sequences follow the master's (docs/design.md §11).
 
 nextval writes no log row and a sequence ignores rollbacks, so sequences cannot travel in the log.
-Each batch reads the master's values (pyreplica.sequence_values(), after the batch's snapshot, so
-they are at least the values at that snapshot) and moves every slave sequence that is behind up to
+Each batch reads the master's values (pyreplica.sequence_values(), in the statement that takes the
+batch's snapshot and after it, so they are at least the values at that snapshot) and moves every slave sequence that is behind up to
 them; never backwards. setval is not transactional either: a batch that rolls back may leave a
 slave sequence ahead of its rows, which is harmless (a sequence only has to stay ahead of the rows).
 """
@@ -25,7 +25,7 @@ ADVANCE = "SELECT pg_catalog.setval(%s::regclass, %s)"
 
 
 def catch_up(slave_cur, values, known):
-    """Bring the slave's sequences up to `values` (master.sequence_values). `known` is what an earlier batch
+    """Bring the slave's sequences up to `values` (read by master.batch_start). `known` is what an earlier batch
     of this daemon already set: unchanged sequences cost nothing. Returns the sequences moved."""
     changed = {name: value for name, value in values.items() if known.get(name) != value}
     if not changed:
@@ -41,11 +41,6 @@ def catch_up(slave_cur, values, known):
         slave_cur.execute(ADVANCE, (name, value))
     known.update(changed)
     return [name for name, _, _ in behind]
-
-
-def follow(master_cur, slave_cur, known):
-    """One batch's step: read the master's values, move the slave's sequences that are behind."""
-    return catch_up(slave_cur, master.sequence_values(master_cur), known)
 
 
 # -- compare ------------------------------------------------------------------------------------

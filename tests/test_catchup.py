@@ -289,16 +289,16 @@ def test_prune_removes_ticks_no_slave_can_step_to(table):
     table.execute("INSERT INTO u (v) VALUES (3)")
     table.execute("SELECT pyreplica.tick('0')")
     first, second = ticks(table)
-    table.execute("SELECT pyreplica.prune(5000)")
+    table.execute("SELECT pyreplica.prune()")
     assert ticks(table) == [first, second]     # both slaves may still step to either
     table.execute("UPDATE pyreplica.replica_slaves SET confirmed = %s::pg_snapshot WHERE name = 's1'", (between,))
-    table.execute("SELECT pyreplica.prune(5000)")
+    table.execute("SELECT pyreplica.prune()")
     assert ticks(table) == [first, second]     # s2 still may
     table.execute("UPDATE pyreplica.replica_slaves SET confirmed = %s::pg_snapshot", (between,))
-    table.execute("SELECT pyreplica.prune(5000)")
+    table.execute("SELECT pyreplica.prune()")
     assert ticks(table) == [second]
     table.execute("UPDATE pyreplica.replica_slaves SET confirmed = pg_current_snapshot()")
-    table.execute("SELECT pyreplica.prune(5000)")
+    table.execute("SELECT pyreplica.prune()")
     assert ticks(table) == []
 
 

@@ -24,12 +24,16 @@ def writer(master, stop):
 
 
 def pruner(master, stop):
-    """Another slave that is always up to date, so every prune really deletes."""
+    """Another slave that is always up to date, so every prune really removes events; the log's
+    sequence jumps a block (100,000 ids) each time, so that writes move on to the next partition
+    and the previous one can go whole."""
     conn = master.connect()
     try:
         with conn.cursor() as cur:
             cur.execute("SELECT pyreplica.register_slave('always_current')")
             while not stop.is_set():
+                cur.execute("SELECT setval('pyreplica.replica_log_id_seq', "
+                            "(last_value / 100000 + 1) * 100000) FROM pyreplica.replica_log_id_seq")
                 cur.execute("UPDATE pyreplica.replica_slaves SET confirmed = pg_current_snapshot() "
                             "WHERE name = 'always_current'")
                 cur.execute("SELECT pyreplica.prune()")

@@ -68,7 +68,7 @@ def test_daemons_and_prunes_of_several_slaves_never_deadlock(master, slave, slav
         for daemon in daemons:
             daemon.wait_for_output("Waiting for 'NOTIFY'")
         writers = [Loop(master, "INSERT INTO t (v) SELECT 'w' FROM generate_series(1, 20)") for _ in range(2)]
-        pruners = [Loop(master, "SELECT pyreplica.prune(50)", pause=0.005) for _ in range(3)]
+        pruners = [Loop(master, "SELECT pyreplica.prune()", pause=0.005) for _ in range(3)]
         for thread in writers + pruners:
             thread.start()
         time.sleep(15)
@@ -95,8 +95,8 @@ def test_a_pruning_error_is_logged_and_retried_and_replication_goes_on(master, s
     setup_tables(master, slave)
     # a prune that fails, as a deadlock or a lock timeout would
     master.execute("""
-        ALTER FUNCTION pyreplica.prune(int) RENAME TO prune_saved;
-        CREATE FUNCTION pyreplica.prune(int) RETURNS bigint LANGUAGE plpgsql AS
+        ALTER FUNCTION pyreplica.prune() RENAME TO prune_saved;
+        CREATE FUNCTION pyreplica.prune() RETURNS bigint LANGUAGE plpgsql AS
             $$BEGIN RAISE EXCEPTION 'pruning broken by the test'; END$$;""")
     with Daemon(master, slave, name="e1", keepalive=1) as daemon:
         daemon.wait_for_output("Pruning the master's log failed (tried again in 10 s): "
@@ -104,8 +104,8 @@ def test_a_pruning_error_is_logged_and_retried_and_replication_goes_on(master, s
         master.execute("INSERT INTO t (v) VALUES ('still replicated')")
         wait_identical(master, slave, ["t"])
         master.execute("""
-            DROP FUNCTION pyreplica.prune(int);
-            ALTER FUNCTION pyreplica.prune_saved(int) RENAME TO prune;""")
+            DROP FUNCTION pyreplica.prune();
+            ALTER FUNCTION pyreplica.prune_saved() RENAME TO prune;""")
         wait_until(lambda: master.scalar("SELECT count(*) FROM replica_log") == 0, 30, message="a later prune")
         assert daemon.proc.poll() is None
         assert daemon.stop() == 0

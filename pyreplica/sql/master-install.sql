@@ -120,24 +120,48 @@ REVOKE ALL ON SCHEMA pyreplica FROM PUBLIC;
 -- ---------------------------------------------------------------------------------------------
 DO $tables$
 BEGIN
+    -- Up to pyreplica 3 the log was one plain table (pruned by DELETE): converted once, in this
+    -- transaction, to the partitioned log below (its rows kept; the view over it is re-made below).
+    IF (SELECT relkind FROM pg_class WHERE oid = to_regclass('pyreplica.replica_log')) = 'r' THEN
+        ALTER TABLE pyreplica.replica_log RENAME TO replica_log_unpartitioned;
+        ALTER TABLE pyreplica.replica_log_unpartitioned DROP CONSTRAINT IF EXISTS replica_log_pkey;
+        DROP INDEX IF EXISTS pyreplica.replica_log_txid_idx;      -- (the names are the new log's)
+        DROP FUNCTION IF EXISTS pyreplica.unapplied(pg_snapshot);     -- returns the old table's row type
+        IF obj_description(to_regclass('public.replica_log'), 'pg_class') LIKE 'pyreplica:%' THEN
+            DROP VIEW public.replica_log;
+        END IF;
+    END IF;
     IF to_regclass('pyreplica.replica_log') IS NULL THEN
-        CREATE SEQUENCE pyreplica.replica_log_id_seq;
+        IF to_regclass('pyreplica.replica_log_id_seq') IS NULL THEN
+            CREATE SEQUENCE pyreplica.replica_log_id_seq;
+        END IF;
+        -- Three partitions written in turn, 100,000 ids each (docs/design.md §3): consumed events
+        -- leave by TRUNCATE of a whole partition (prune), never by DELETE, so the log does not bloat.
         CREATE TABLE pyreplica.replica_log (
-            id       bigint      NOT NULL DEFAULT nextval('pyreplica.replica_log_id_seq') PRIMARY KEY,
+            id       bigint      NOT NULL DEFAULT nextval('pyreplica.replica_log_id_seq'),
             sql      text        NOT NULL,
             username name        NOT NULL DEFAULT session_user,
             ts       timestamptz NOT NULL DEFAULT now(),
             txid     xid8        NOT NULL DEFAULT pg_current_xact_id(),   -- the writing transaction
             relname  text,                                                -- "schema"."table", quoted
             op       "char"      NOT NULL DEFAULT 'S'                     -- I U D T, or S: administrator's SQL
-        );
+        ) PARTITION BY LIST (((id / 100000) % 3));
+        CREATE TABLE pyreplica.replica_log_0 PARTITION OF pyreplica.replica_log FOR VALUES IN (0);
+        CREATE TABLE pyreplica.replica_log_1 PARTITION OF pyreplica.replica_log FOR VALUES IN (1);
+        CREATE TABLE pyreplica.replica_log_2 PARTITION OF pyreplica.replica_log FOR VALUES IN (2);
         ALTER SEQUENCE pyreplica.replica_log_id_seq OWNED BY pyreplica.replica_log.id;
-        -- Batches are chosen by transaction id (docs/design.md §4).
+        -- Batches are chosen by transaction id (docs/design.md §4), events replayed in id order.
         CREATE INDEX replica_log_txid_idx ON pyreplica.replica_log (txid);
+        CREATE INDEX replica_log_id_idx ON pyreplica.replica_log (id);
         COMMENT ON TABLE pyreplica.replica_log IS
             'pyreplica: every replicated change as the SQL statement that repeats it on a slave';
-        REVOKE ALL ON pyreplica.replica_log, pyreplica.replica_log_id_seq FROM PUBLIC;
+        REVOKE ALL ON pyreplica.replica_log, pyreplica.replica_log_0, pyreplica.replica_log_1,
+                      pyreplica.replica_log_2, pyreplica.replica_log_id_seq FROM PUBLIC;
         GRANT SELECT ON pyreplica.replica_log TO pyreplica_daemon;
+        IF to_regclass('pyreplica.replica_log_unpartitioned') IS NOT NULL THEN
+            INSERT INTO pyreplica.replica_log SELECT * FROM pyreplica.replica_log_unpartitioned;
+            DROP TABLE pyreplica.replica_log_unpartitioned;
+        END IF;
     END IF;
     IF to_regclass('pyreplica.replica_slaves') IS NULL THEN
         CREATE TABLE pyreplica.replica_slaves (
@@ -456,6 +480,26 @@ AS $fn$
 $fn$;
 COMMENT ON FUNCTION pyreplica.py_log_is_captured(regclass) IS 'pyreplica: does a table carry the capture trigger';
 
+-- Enable a table's capture triggers as the cascade setting says: ALWAYS (replayed rows are captured
+-- too: this database feeds further slaves) or ordinarily.
+CREATE OR REPLACE FUNCTION pyreplica.py_log_enable_triggers(rel regclass)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    t name;
+BEGIN
+    FOR t IN SELECT tgname FROM pg_trigger
+              WHERE tgrelid = rel AND tgfoid = 'pyreplica.py_log_replica()'::regprocedure LOOP
+        EXECUTE format('ALTER TABLE %s ENABLE %s TRIGGER %I', rel,
+                       CASE WHEN to_regclass('pyreplica.settings') IS NULL THEN ''   -- (during an upgrade)
+                            WHEN pyreplica.option('cascade') = 'on' THEN 'ALWAYS' ELSE '' END, t);
+    END LOOP;
+END
+$fn$;
+COMMENT ON FUNCTION pyreplica.py_log_enable_triggers(regclass) IS 'pyreplica: enable capture triggers as the cascade setting says';
+
 -- (Re)create the four capture triggers of one table; returns its primary-key columns.
 -- Raises if the table has no primary key.
 CREATE OR REPLACE FUNCTION pyreplica.py_log_add_triggers(rel regclass)
@@ -498,6 +542,11 @@ BEGIN
                                ELSE '' END,
                        sig);
     END LOOP;
+    PERFORM pyreplica.py_log_enable_triggers(rel);
+    IF to_regclass('pyreplica.replica_sequences') IS NOT NULL THEN     -- (NULL during an upgrade)
+        INSERT INTO pyreplica.replica_sequences (seq, rel)
+        SELECT DISTINCT pyreplica.py_log_table_sequences(rel), rel ON CONFLICT DO NOTHING;
+    END IF;
     RETURN pkcols;
 END
 $fn$;
@@ -583,6 +632,9 @@ BEGIN
         EXECUTE format('DROP TRIGGER %I ON %s', t.tgname, rel);
         n := n + 1;
     END LOOP;
+    IF to_regclass('pyreplica.replica_sequences') IS NOT NULL THEN     -- (NULL during an upgrade)
+        DELETE FROM pyreplica.replica_sequences WHERE replica_sequences.rel = py_log_drop_triggers.rel;
+    END IF;
     RETURN n;
 END
 $fn$;
@@ -958,10 +1010,32 @@ AS $fn$
 $fn$;
 COMMENT ON FUNCTION pyreplica.touch(text) IS 'pyreplica: a slave''s daemon is alive';
 
--- Delete, in small batches, the events every registered slave has confirmed: those of
--- transactions older than the oldest confirmed snapshot's xmin. One prune at a time (several
--- daemons deleting the same rows would deadlock); returns how many were deleted.
-CREATE OR REPLACE FUNCTION pyreplica.prune(batch_size int DEFAULT 5000)
+-- Does a partition of the log hold an event a slave still needs (of a transaction at or above the
+-- horizon)? The txid index answers. VOLATILE: every call reads with a fresh snapshot (prune asks
+-- again once it holds the partition's lock).
+CREATE OR REPLACE FUNCTION pyreplica.log_part_needed(part regclass, horizon xid8)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    needed boolean;
+BEGIN
+    EXECUTE format('SELECT EXISTS (SELECT FROM %s WHERE txid >= $1)', part) INTO needed USING horizon;
+    RETURN needed;
+END
+$fn$;
+COMMENT ON FUNCTION pyreplica.log_part_needed(regclass, xid8) IS 'pyreplica: does a log partition hold events a slave needs';
+
+-- Remove the events every registered slave has confirmed (those of transactions older than the
+-- oldest confirmed snapshot's xmin) by emptying whole partitions of the log (docs/design.md §3):
+-- TRUNCATE, never DELETE, so the log does not bloat. A partition goes only when every row in it is
+-- below that horizon, under an ACCESS EXCLUSIVE lock taken with NOWAIT: holding it proves no
+-- writer that has not finished (open or prepared) still has rows there, and no writer ever waits
+-- behind us (busy: try again at the next prune). One prune at a time (advisory lock); returns how
+-- many events were removed.
+DROP FUNCTION IF EXISTS pyreplica.prune(int);
+CREATE OR REPLACE FUNCTION pyreplica.prune()
 RETURNS bigint
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -969,24 +1043,43 @@ SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
     horizon xid8 := (SELECT min(pg_snapshot_xmin(confirmed)) FROM pyreplica.replica_slaves);
-    deleted bigint;
+    part    regclass;
+    found   bigint;
+    removed bigint := 0;
 BEGIN
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        -- one snapshot for the whole transaction would not see rows committed before our lock
+        RAISE EXCEPTION 'pyreplica: prune() must run in a READ COMMITTED transaction (this one is %)',
+                        current_setting('transaction_isolation');
+    END IF;
     IF horizon IS NULL OR NOT pg_try_advisory_xact_lock(hashtext('pyreplica prune')) THEN
         RETURN 0;   -- no slave registered yet (keep everything), or another daemon is pruning
     END IF;
-    DELETE FROM pyreplica.replica_log
-     WHERE id IN (SELECT id FROM pyreplica.replica_log WHERE txid < horizon ORDER BY id LIMIT batch_size);
-    GET DIAGNOSTICS deleted = ROW_COUNT;
+    -- also the partition being written to: NOWAIT fails while a writer there is in flight, and a
+    -- writer that comes while we hold the lock waits only for the count and the TRUNCATE
+    FOR part IN SELECT format('pyreplica.replica_log_%s', p)::regclass FROM generate_series(0, 2) p LOOP
+        CONTINUE WHEN pg_relation_size(part) = 0 OR pyreplica.log_part_needed(part, horizon);
+        BEGIN
+            EXECUTE format('LOCK TABLE %s IN ACCESS EXCLUSIVE MODE NOWAIT', part);
+        EXCEPTION WHEN lock_not_available THEN
+            CONTINUE;
+        END;
+        -- again under the lock: a transaction may have committed rows there since
+        CONTINUE WHEN pyreplica.log_part_needed(part, horizon);
+        EXECUTE format('SELECT count(*) FROM %s', part) INTO found;
+        EXECUTE format('TRUNCATE %s', part);
+        removed := removed + found;
+    END LOOP;
     -- A tick below the horizon is contained in every slave's position: no slave can step to it.
     DELETE FROM pyreplica.ticks WHERE snapshot_xmax <= horizon;
-    IF deleted > 0 THEN
+    IF removed > 0 THEN
         INSERT INTO pyreplica.log_pruned (horizon) VALUES (horizon)
         ON CONFLICT (one) DO UPDATE SET horizon = EXCLUDED.horizon, pruned_at = now();
     END IF;
-    RETURN deleted;
+    RETURN removed;
 END
 $fn$;
-COMMENT ON FUNCTION pyreplica.prune(int) IS 'pyreplica: delete events every slave has applied';
+COMMENT ON FUNCTION pyreplica.prune() IS 'pyreplica: empty the log''s partitions every slave has applied';
 
 CREATE OR REPLACE FUNCTION pyreplica.drop_slave(slave text)
 RETURNS boolean
@@ -1116,6 +1209,66 @@ END
 $upgrade$;
 
 -- ---------------------------------------------------------------------------------------------
+-- Settings of this node (docs/design.md §12), changed by a superuser with pyreplica.set_option.
+--   cascade  on: this database is a slave that feeds further slaves: its capture triggers are
+--            ENABLE ALWAYS, so the rows its daemon replays (session_replication_role = replica)
+--            are captured again. Off (default): ordinary triggers, nothing replayed is captured.
+-- ---------------------------------------------------------------------------------------------
+DO $settings$
+BEGIN
+    IF to_regclass('pyreplica.settings') IS NULL THEN
+        CREATE TABLE pyreplica.settings (
+            name       text        PRIMARY KEY CHECK (name IN ('cascade')),
+            value      text        NOT NULL,
+            changed_at timestamptz NOT NULL DEFAULT now()
+        );
+        COMMENT ON TABLE pyreplica.settings IS 'pyreplica: this node''s settings (pyreplica.set_option)';
+        REVOKE ALL ON pyreplica.settings FROM PUBLIC;
+        GRANT SELECT ON pyreplica.settings TO pyreplica_daemon;
+    END IF;
+END
+$settings$;
+
+CREATE OR REPLACE FUNCTION pyreplica.option(setting text)
+RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT coalesce((SELECT value FROM pyreplica.settings WHERE name = setting),
+                    CASE setting WHEN 'cascade' THEN 'off' END);
+$fn$;
+COMMENT ON FUNCTION pyreplica.option(text) IS 'pyreplica: a setting of this node, or its default';
+
+-- Change a setting; returns a line saying what it did. cascade re-sets every capture trigger.
+CREATE OR REPLACE FUNCTION pyreplica.set_option(setting text, new_value text)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    rel regclass;
+    n   int := 0;
+BEGIN
+    IF setting IS DISTINCT FROM 'cascade' THEN
+        RAISE EXCEPTION 'pyreplica: unknown setting "%"', setting USING HINT = 'Settings: cascade (on/off).';
+    ELSIF new_value IS NULL OR lower(new_value) NOT IN ('on', 'off') THEN
+        RAISE EXCEPTION 'pyreplica: setting cascade must be on or off, not "%"', new_value;
+    END IF;
+    INSERT INTO pyreplica.settings (name, value) VALUES (setting, lower(new_value))
+    ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value, changed_at = now();
+    FOR rel IN SELECT DISTINCT tgrelid::regclass FROM pg_trigger
+                WHERE tgfoid = 'pyreplica.py_log_replica()'::regprocedure LOOP
+        PERFORM pyreplica.py_log_enable_triggers(rel);
+        n := n + 1;
+    END LOOP;
+    RETURN format('cascade = %s (capture triggers of %s table(s) %s)', lower(new_value), n,
+                  CASE lower(new_value) WHEN 'on' THEN 'capture replayed rows too: ENABLE ALWAYS'
+                                        ELSE 'capture only this database''s own writes: ENABLE' END);
+END
+$fn$;
+COMMENT ON FUNCTION pyreplica.set_option(text, text) IS 'pyreplica: change a setting of this node';
+
+-- ---------------------------------------------------------------------------------------------
 -- Sequences (docs/design.md §11). A sequence is not transactional and nextval writes no row, so the
 -- log cannot carry it: each batch reads the values here and brings the slave's sequences up to them.
 -- Followed: every sequence behind a captured table (serial, identity, a column DEFAULT calling
@@ -1125,45 +1278,52 @@ $upgrade$;
 DO $sequences$
 BEGIN
     IF to_regclass('pyreplica.replica_sequences') IS NULL THEN
+        -- kept by py_log_add_triggers / py_log_drop_triggers (every capture or re-capture of a
+        -- table, also after ALTER TABLE) and py_log_create_seq, so that a batch reads it cheaply
         CREATE TABLE pyreplica.replica_sequences (
-            name     text        PRIMARY KEY,     -- "schema"."sequence", as a slave finds it
-            added_at timestamptz NOT NULL DEFAULT now()
+            seq      oid         NOT NULL,     -- the sequence (pg_class oid: a rename is followed)
+            rel      oid         NOT NULL,     -- the captured table it numbers; 0: py_log_create_seq
+            added_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (seq, rel)
         );
-        COMMENT ON TABLE pyreplica.replica_sequences IS 'pyreplica: sequences followed on request (py_log_create_seq)';
+        COMMENT ON TABLE pyreplica.replica_sequences IS 'pyreplica: the sequences slaves follow';
         REVOKE ALL ON pyreplica.replica_sequences FROM PUBLIC;
         GRANT SELECT ON pyreplica.replica_sequences TO pyreplica_daemon;
     END IF;
 END
 $sequences$;
 
+-- The sequences that number a table's rows: serial (dependency 'a') and identity ('i') columns
+-- depend on their sequence; a column DEFAULT nextval('...') depends on the sequence it calls.
+CREATE OR REPLACE FUNCTION pyreplica.py_log_table_sequences(rel regclass)
+RETURNS SETOF oid
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT d.objid FROM pg_depend d
+     WHERE d.refclassid = 'pg_class'::regclass AND d.refobjid = rel
+       AND d.classid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')
+    UNION
+    SELECT d.refobjid FROM pg_attrdef ad
+      JOIN pg_depend d ON d.classid = 'pg_attrdef'::regclass AND d.objid = ad.oid AND d.refclassid = 'pg_class'::regclass
+      JOIN pg_class s ON s.oid = d.refobjid AND s.relkind = 'S'
+     WHERE ad.adrelid = rel;
+$fn$;
+COMMENT ON FUNCTION pyreplica.py_log_table_sequences(regclass) IS 'pyreplica: the sequences behind a table''s columns';
+
 -- The followed sequences that have handed out a value, with the last one ("schema"."name", value).
+-- Read by every batch that applied events: index lookups only.
 CREATE OR REPLACE FUNCTION pyreplica.sequence_values()
 RETURNS TABLE (name text, last_value bigint)
 LANGUAGE sql STABLE
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $fn$
-    WITH captured AS (
-        SELECT DISTINCT tgrelid AS rel FROM pg_trigger WHERE tgfoid = 'pyreplica.py_log_replica()'::regprocedure
-    ), followed AS (
-        -- serial (dependency 'a') and identity ('i') columns: the sequence depends on the table
-        SELECT d.objid AS seq FROM captured c
-          JOIN pg_depend d ON d.refclassid = 'pg_class'::regclass AND d.refobjid = c.rel
-         WHERE d.classid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')
-        UNION
-        -- DEFAULT nextval('...'): the default depends on the sequence
-        SELECT d.refobjid FROM captured c
-          JOIN pg_attrdef ad ON ad.adrelid = c.rel
-          JOIN pg_depend d ON d.classid = 'pg_attrdef'::regclass AND d.objid = ad.oid
-                          AND d.refclassid = 'pg_class'::regclass
-        UNION
-        SELECT to_regclass(r.name) FROM pyreplica.replica_sequences r
-    )
     SELECT v.name, v.last_value
       FROM (SELECT format('%I.%I', n.nspname, s.relname) AS name,
                    -- CASE: the planner may try a condition on any pg_class row, not only sequences
                    CASE WHEN s.relkind = 'S' THEN pg_sequence_last_value(s.oid) END AS last_value
-              FROM followed f
+              FROM (SELECT DISTINCT seq FROM pyreplica.replica_sequences) f
               JOIN pg_class s ON s.oid = f.seq AND s.relkind = 'S'
               JOIN pg_namespace n ON n.oid = s.relnamespace) v
      WHERE v.last_value IS NOT NULL
@@ -1212,7 +1372,7 @@ BEGIN
         RETURN format('sequence %s is ambiguous: it could be %s; give it as schema.name', seqname,
                       array_to_string(found, ' or '));
     END IF;
-    INSERT INTO pyreplica.replica_sequences (name) VALUES (found[1]) ON CONFLICT DO NOTHING;
+    INSERT INTO pyreplica.replica_sequences (seq, rel) VALUES (found[1]::regclass, 0) ON CONFLICT DO NOTHING;
     RETURN format('following sequence %s', found[1]);
 END
 $fn$;
@@ -1227,8 +1387,9 @@ DECLARE
     gone text;
 BEGIN
     DELETE FROM pyreplica.replica_sequences
-     WHERE name = seqname OR name IN (SELECT pyreplica.py_log_find_sequences(seqname))
-    RETURNING name INTO gone;
+     WHERE rel = 0 AND seq IN (SELECT f::regclass FROM pyreplica.py_log_find_sequences(seqname) f)
+    RETURNING format('%I.%I', (SELECT nspname FROM pg_namespace n JOIN pg_class c ON c.relnamespace = n.oid WHERE c.oid = seq),
+                     (SELECT relname FROM pg_class WHERE oid = seq)) INTO gone;
     IF gone IS NULL THEN
         RETURN format('sequence %s was not followed on request (a sequence behind a captured table is followed with it)', seqname);
     END IF;
@@ -1236,6 +1397,20 @@ BEGIN
 END
 $fn$;
 COMMENT ON FUNCTION pyreplica.py_log_drop_seq(text) IS 'pyreplica: stop following a sequence named with py_log_create_seq';
+
+-- (Re)fill the registry for every captured table: a first install of this version, or a master
+-- restored from a dump (new oids).
+DO $follow$
+BEGIN
+    DELETE FROM pyreplica.replica_sequences r
+     WHERE r.rel <> 0 AND NOT EXISTS (SELECT FROM pg_trigger WHERE tgrelid = r.rel
+                                                              AND tgfoid = 'pyreplica.py_log_replica()'::regprocedure);
+    INSERT INTO pyreplica.replica_sequences (seq, rel)
+    SELECT DISTINCT pyreplica.py_log_table_sequences(tgrelid::regclass), tgrelid FROM pg_trigger
+     WHERE tgfoid = 'pyreplica.py_log_replica()'::regprocedure
+    ON CONFLICT DO NOTHING;
+END
+$follow$;
 
 -- (Re)created only when missing or different, so that running this script again changes nothing.
 DO $evt$
@@ -1307,7 +1482,7 @@ BEGIN
         pyreplica.claim_slave(text, text, text), pyreplica.confirm(text, pg_snapshot, bigint, bigint),
         pyreplica.rewind_slave(text, pg_snapshot, bigint),
         pyreplica.batch_end(pg_snapshot, pg_snapshot, bigint), pyreplica.snapshot_covers(pg_snapshot, pg_snapshot),
-        pyreplica.touch(text), pyreplica.prune(int), pyreplica.drop_slave(text),
+        pyreplica.touch(text), pyreplica.prune(), pyreplica.drop_slave(text),
         pyreplica.skip_event(text, bigint), pyreplica.sequence_values()
         TO pyreplica_daemon;
 END

@@ -34,7 +34,8 @@ BEGIN
         EXECUTE format('DROP FUNCTION %s', f);
     END LOOP;
     DROP TABLE IF EXISTS pyreplica.replica_log, pyreplica.replica_slaves, pyreplica.log_pruned, pyreplica.ticks,
-                         pyreplica.skipped_events, pyreplica.replica_sequences;
+                         pyreplica.skipped_events, pyreplica.replica_sequences,
+                         pyreplica.settings;
     IF NOT EXISTS (SELECT FROM pg_class c WHERE c.relnamespace = 'pyreplica'::regnamespace)
        AND NOT EXISTS (SELECT FROM pg_proc p WHERE p.pronamespace = 'pyreplica'::regnamespace)
        AND NOT EXISTS (SELECT FROM pg_type ty WHERE ty.typnamespace = 'pyreplica'::regnamespace) THEN

@@ -1,0 +1,1175 @@
+-- pyreplica: master side.
+--
+--   psql somedb -f master-install.sql          (as a superuser)
+--
+-- Everything lives in the schema `pyreplica`, created and owned by the installing superuser, where
+-- no other role may create anything (docs/design.md §2): the log pyreplica.replica_log (+ sequence
+-- replica_log_id_seq), the slave registry pyreplica.replica_slaves, the ticks (pyreplica.ticks: the
+-- end points of catch-up steps), the capture trigger function py_log_replica, the functions that
+-- manage capture, and the daemon's API (register, claim, confirm, touch, prune, drop,
+-- captured_tables, unapplied, batch_end). Every pyreplica function carries a comment
+-- starting 'pyreplica:', which is how the REVOKE loop below and master-uninstall.sql find them.
+--
+-- The install guide's names keep working through thin entry points in schema public:
+-- py_log_create_tg(text), py_log_drop_tg(text), py_log_sql(text) and the view replica_log.
+-- A NOLOGIN role pyreplica_daemon gets exactly what a daemon needs (README "Security").
+--
+-- Running it again changes nothing and loses no log row; a previous install whose objects are in
+-- schema public (pyreplica 1, or the original PyReplica's replica_log) is upgraded: rows move over.
+-- It refuses, changing nothing, when an object it would create already exists with an owner that
+-- is not a superuser (someone planted it), or while one of pyreplica's batches is prepared here.
+-- The whole script is one transaction: on any error nothing is left half-installed.
+
+\set ON_ERROR_STOP on
+BEGIN;
+SET LOCAL client_min_messages = warning;
+-- Nothing below may resolve to an object someone planted: only pg_catalog is searched.
+SET LOCAL search_path = pg_catalog, pg_temp;
+-- Never queue an exclusive lock in front of every writer for long.
+SET LOCAL lock_timeout = '10s';
+
+DO $check$
+DECLARE
+    planted text;
+    doubt   record;
+BEGIN
+    IF NOT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
+        RAISE EXCEPTION 'pyreplica: master-install.sql must be run by a superuser (role "%" is not one)', current_user
+            USING HINT = 'Run it as postgres, e.g.: sudo -u postgres psql somedb -f master-install.sql';
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_available_extensions WHERE name = 'plpython3u') THEN
+        RAISE EXCEPTION 'pyreplica: PL/Python (plpython3u) is not available on this server'
+            USING HINT = format('Install the package postgresql-plpython3-%s (apt-get install postgresql-plpython3-%s) and run this script again.',
+                                current_setting('server_version_num')::int / 10000,
+                                current_setting('server_version_num')::int / 10000);
+    END IF;
+
+    -- Objects this script would create or adopt, owned by a role that is not a superuser.
+    SELECT string_agg(what, '; ') INTO planted FROM (
+        SELECT format('schema pyreplica (owner %s)', n.nspowner::regrole) AS what
+          FROM pg_namespace n JOIN pg_roles r ON r.oid = n.nspowner
+         WHERE n.nspname = 'pyreplica' AND NOT r.rolsuper
+        UNION ALL
+        SELECT format('%s %s (owner %s)', CASE c.relkind WHEN 'S' THEN 'sequence' WHEN 'v' THEN 'view' ELSE 'relation' END,
+                      c.oid::regclass, c.relowner::regrole)
+          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace JOIN pg_roles r ON r.oid = c.relowner
+         WHERE NOT r.rolsuper
+           AND (n.nspname = 'pyreplica'
+                OR (n.nspname = 'public' AND c.relname IN ('replica_log', 'replica_log_id_seq', 'replica_slaves')))
+        UNION ALL
+        SELECT format('function %s (owner %s)', p.oid::regprocedure, p.proowner::regrole)
+          FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace JOIN pg_roles r ON r.oid = p.proowner
+         WHERE NOT r.rolsuper
+           AND (n.nspname = 'pyreplica'
+                OR (n.nspname = 'public' AND p.proname IN ('py_log_create_tg', 'py_log_drop_tg', 'py_log_sql')))
+        UNION ALL
+        SELECT format('type %s (owner %s)', t.oid::regtype, t.typowner::regrole)
+          FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace JOIN pg_roles r ON r.oid = t.typowner
+         WHERE n.nspname = 'pyreplica' AND NOT r.rolsuper
+        UNION ALL
+        SELECT format('schema pyreplica lets %s create objects in it', a.grantee::regrole)
+          FROM pg_namespace n CROSS JOIN LATERAL aclexplode(n.nspacl) a
+         WHERE n.nspname = 'pyreplica' AND a.privilege_type = 'CREATE' AND a.grantee <> n.nspowner
+    ) found;
+    IF planted IS NOT NULL THEN
+        RAISE EXCEPTION 'pyreplica: refusing to install: % already exist(s) and belong(s) to a role that is not a superuser', planted
+            USING HINT = 'Someone else created these names: find out why, drop them as a superuser, then run this script again.';
+    END IF;
+
+    -- Re-installing behind a prepared (in-doubt) batch would wait for its locks, and every writer
+    -- of a replicated table would queue behind us.
+    SELECT gid, prepared INTO doubt FROM pg_prepared_xacts
+     WHERE database = current_database() AND gid LIKE 'pyreplica:%' ORDER BY prepared LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'pyreplica: a batch is prepared (in doubt) on this master since % (%): settle it first with `pyreplica recover MASTER SLAVE` or by starting its daemon, then run this script again',
+                        doubt.prepared, doubt.gid;
+    END IF;
+END
+$check$;
+
+-- PL/Python. If this script creates it, it says so in the extension's comment, and
+-- master-uninstall.sql drops it again (when nothing else uses it); one already there is left alone.
+DO $lang$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_extension WHERE extname = 'plpython3u') THEN
+        CREATE EXTENSION plpython3u;
+        COMMENT ON EXTENSION plpython3u IS
+            'PL/Python3U untrusted procedural language (created by pyreplica master-install.sql)';
+    END IF;
+END
+$lang$;
+
+-- The daemon's role (cluster-wide: it may exist already from another database's install).
+DO $role$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'pyreplica_daemon') THEN
+        CREATE ROLE pyreplica_daemon NOLOGIN;
+        COMMENT ON ROLE pyreplica_daemon IS
+            'pyreplica: what a replication daemon needs on a master (created by pyreplica master-install.sql)';
+    END IF;
+END
+$role$;
+
+CREATE SCHEMA IF NOT EXISTS pyreplica;
+REVOKE ALL ON SCHEMA pyreplica FROM PUBLIC;
+
+-- ---------------------------------------------------------------------------------------------
+-- The log (one row per row change, per TRUNCATE, or per administrator's statement) and the
+-- slave registry. Created only when missing, so that a re-run takes no lock on them.
+-- ---------------------------------------------------------------------------------------------
+DO $tables$
+BEGIN
+    IF to_regclass('pyreplica.replica_log') IS NULL THEN
+        CREATE SEQUENCE pyreplica.replica_log_id_seq;
+        CREATE TABLE pyreplica.replica_log (
+            id       bigint      NOT NULL DEFAULT nextval('pyreplica.replica_log_id_seq') PRIMARY KEY,
+            sql      text        NOT NULL,
+            username name        NOT NULL DEFAULT session_user,
+            ts       timestamptz NOT NULL DEFAULT now(),
+            txid     xid8        NOT NULL DEFAULT pg_current_xact_id(),   -- the writing transaction
+            relname  text,                                                -- "schema"."table", quoted
+            op       "char"      NOT NULL DEFAULT 'S'                     -- I U D T, or S: administrator's SQL
+        );
+        ALTER SEQUENCE pyreplica.replica_log_id_seq OWNED BY pyreplica.replica_log.id;
+        -- Batches are chosen by transaction id (docs/design.md §4).
+        CREATE INDEX replica_log_txid_idx ON pyreplica.replica_log (txid);
+        COMMENT ON TABLE pyreplica.replica_log IS
+            'pyreplica: every replicated change as the SQL statement that repeats it on a slave';
+        REVOKE ALL ON pyreplica.replica_log, pyreplica.replica_log_id_seq FROM PUBLIC;
+        GRANT SELECT ON pyreplica.replica_log TO pyreplica_daemon;
+    END IF;
+    IF to_regclass('pyreplica.replica_slaves') IS NULL THEN
+        CREATE TABLE pyreplica.replica_slaves (
+            name          text        PRIMARY KEY,
+            confirmed     pg_snapshot NOT NULL,    -- the master snapshot the slave has applied up to
+            batch_id      bigint      NOT NULL DEFAULT 0,
+            applied       bigint      NOT NULL DEFAULT 0,   -- events applied since registration
+            confirmed_at  timestamptz NOT NULL DEFAULT now(),
+            last_contact  timestamptz NOT NULL DEFAULT now(),
+            registered_at timestamptz NOT NULL DEFAULT now(),
+            -- the slave this name belongs to, claimed by its first daemon start (docs/design.md §6)
+            slave_system_id text,
+            slave_database  text,
+            -- where the slave started (its registration): a slave that never committed a batch
+            -- starts there, whatever its record says since
+            start_snapshot  pg_snapshot
+        );
+        COMMENT ON TABLE pyreplica.replica_slaves IS 'pyreplica: one row per slave, its confirmed position';
+        REVOKE ALL ON pyreplica.replica_slaves FROM PUBLIC;
+        GRANT SELECT ON pyreplica.replica_slaves TO pyreplica_daemon;
+    END IF;
+    IF to_regclass('pyreplica.log_pruned') IS NULL THEN
+        -- One row once events have been removed: from then on a slave that was never registered
+        -- cannot start from "the oldest event" (docs/design.md §6).
+        CREATE TABLE pyreplica.log_pruned (
+            one       boolean     PRIMARY KEY DEFAULT true CHECK (one),
+            horizon   xid8        NOT NULL,     -- events of transactions below it are gone
+            pruned_at timestamptz NOT NULL DEFAULT now()
+        );
+        COMMENT ON TABLE pyreplica.log_pruned IS 'pyreplica: how far the log has been pruned';
+        REVOKE ALL ON pyreplica.log_pruned FROM PUBLIC;
+        GRANT SELECT ON pyreplica.log_pruned TO pyreplica_daemon;
+    END IF;
+    IF to_regclass('pyreplica.ticks') IS NULL THEN
+        -- Master snapshots recorded as time passes (PgQ's ticks): the end points a catch-up may stop
+        -- at, so that a backlog is applied in bounded, committed steps (docs/design.md §4).
+        CREATE TABLE pyreplica.ticks (
+            snapshot      pg_snapshot NOT NULL,   -- as any other session saw the master at that moment
+            snapshot_xmax xid8        NOT NULL,   -- pg_snapshot_xmax(snapshot): ticks in snapshot order
+            last_id       bigint      NOT NULL,   -- the log's sequence then: events between two ticks, about
+            ts            timestamptz NOT NULL DEFAULT clock_timestamp()
+        );
+        CREATE INDEX ticks_snapshot_xmax_idx ON pyreplica.ticks (snapshot_xmax);
+        CREATE INDEX ticks_last_id_idx ON pyreplica.ticks (last_id);
+        CREATE INDEX ticks_ts_idx ON pyreplica.ticks (ts);
+        COMMENT ON TABLE pyreplica.ticks IS 'pyreplica: master snapshots recorded as time passes, the end points of catch-up steps';
+        REVOKE ALL ON pyreplica.ticks FROM PUBLIC;
+        GRANT SELECT ON pyreplica.ticks TO pyreplica_daemon;
+    END IF;
+END
+$tables$;
+GRANT USAGE ON SCHEMA pyreplica TO pyreplica_daemon;
+
+-- ---------------------------------------------------------------------------------------------
+-- Capture.
+--
+-- Four statement-level AFTER triggers per table (INSERT, UPDATE, DELETE, TRUNCATE) with
+-- transition tables: the statements for all rows a statement touched are rendered by one
+-- INSERT ... SELECT inside the server, so a 200,000-row INSERT costs one trigger call.
+-- Values are rendered with format('%L'), i.e. the type's own output function, under pinned
+-- settings (the SET clauses below), so the slave parses them back identically whatever its
+-- session's TimeZone, DateStyle, IntervalStyle, extra_float_digits or standard_conforming_strings.
+-- ---------------------------------------------------------------------------------------------
+
+-- Quoted names of a table's primary-key columns, in key order (NULL: no primary key).
+CREATE OR REPLACE FUNCTION pyreplica.py_log_pk(rel regclass)
+RETURNS text[]
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT array_agg(quote_ident(a.attname) ORDER BY k.ord)
+      FROM pg_index i
+     CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+     WHERE i.indrelid = rel AND i.indisprimary;
+$fn$;
+COMMENT ON FUNCTION pyreplica.py_log_pk(regclass) IS 'pyreplica: quoted primary-key columns of a table';
+
+-- The query that logs one statement's rows of table `rel` for operation `op` (I, U, D, T).
+-- py_log_replica prepares it once per backend, table and column signature.
+CREATE OR REPLACE FUNCTION pyreplica.py_log_capture_sql(rel regclass, op "char")
+RETURNS text
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    target    text := format('%I.%I', (SELECT nspname FROM pg_namespace n JOIN pg_class c ON c.relnamespace = n.oid WHERE c.oid = rel),
+                                      (SELECT relname FROM pg_class WHERE oid = rel));
+    cols      text[];      -- quoted names of the columns a statement writes (no generated ones)
+    pk        text[] := pyreplica.py_log_pk(rel);
+    overriding text := '';
+    rn        text := 'pyreplica_rn';   -- the row-number column pairing old and new rows
+    stmt      text;
+BEGIN
+    SELECT array_agg(quote_ident(attname) ORDER BY attnum),
+           bool_or(attidentity = 'a')
+      INTO cols, overriding
+      FROM pg_attribute
+     WHERE attrelid = rel AND attnum > 0 AND NOT attisdropped AND attgenerated = '';
+    overriding := CASE WHEN overriding::bool THEN ' OVERRIDING SYSTEM VALUE' ELSE '' END;
+
+    IF op = 'T' THEN
+        -- No CASCADE: a TRUNCATE that cascaded here fired this trigger on every table it emptied,
+        -- each logging its own event in this transaction; the slave replays consecutive ones as one
+        -- TRUNCATE of exactly those tables, and never empties a slave-only table.
+        RETURN format($q$INSERT INTO pyreplica.replica_log (txid, relname, op, sql)
+                         VALUES (pg_current_xact_id(), %L, 'T', %L)$q$,
+                      target, 'TRUNCATE ' || target);
+    END IF;
+    IF pk IS NULL THEN
+        RAISE EXCEPTION 'pyreplica: table % has no primary key and cannot be replicated', target;
+    END IF;
+
+    IF op = 'I' THEN
+        -- INSERT INTO t (a, b) VALUES ('1', 'x')
+        -- (ARRAY[...], not concat_ws(...): a function call takes at most 100 arguments)
+        stmt := format($q$%L || array_to_string(ARRAY[%s], ', ') || ')'$q$,
+                       format('INSERT INTO %s (%s)%s VALUES (', target, array_to_string(cols, ', '), overriding),
+                       (SELECT string_agg(format('format(''%%L'', n.%s)', c), ', ') FROM unnest(cols) c));
+        RETURN format($q$INSERT INTO pyreplica.replica_log (txid, relname, op, sql)
+                         SELECT pg_current_xact_id(), %L, 'I', %s FROM pyreplica_new n$q$, target, stmt);
+    ELSIF op = 'D' THEN
+        -- DELETE FROM t WHERE id = '1'
+        stmt := format($q$%L || %s$q$, format('DELETE FROM %s WHERE ', target),
+                       (SELECT string_agg(format($e$%L || format('%%L', o.%s)$e$, c || ' = ', c), $s$ || ' AND ' || $s$) FROM unnest(pk) c));
+        RETURN format($q$INSERT INTO pyreplica.replica_log (txid, relname, op, sql)
+                         SELECT pg_current_xact_id(), %L, 'D', %s FROM pyreplica_old o$q$, target, stmt);
+    ELSIF op = 'U' THEN
+        -- UPDATE t SET b = 'y' WHERE id = '1'; only changed columns, nothing for a no-op row.
+        -- Old and new rows are paired by position: PostgreSQL appends each updated row's old and
+        -- new versions to the two transition tables in lockstep (trigger.c, TransitionTableAddTuple),
+        -- so the k-th row of one is the k-th row of the other, even when the primary key changed.
+        -- Values are compared by their text form, which works for every type (json has no "=")
+        -- and sees changes "=" would hide (1.0 -> 1.00), byte for byte (COLLATE "C"): under a
+        -- column's nondeterministic collation 'abc' and 'ABC' would compare equal.
+        WHILE quote_ident(rn) = ANY (cols) LOOP    -- a table may have a column of that name
+            rn := rn || '_';
+        END LOOP;
+        stmt := format($q$array_to_string(ARRAY[%s], ', ')$q$,
+                       (SELECT string_agg(format($e$CASE WHEN format('%%L', o.%1$s) COLLATE "C" IS DISTINCT FROM format('%%L', n.%1$s) COLLATE "C" THEN %2$L || format('%%L', n.%1$s) END$e$, c, c || ' = '), ', ')
+                          FROM unnest(cols) c));
+        RETURN format($q$INSERT INTO pyreplica.replica_log (txid, relname, op, sql)
+                         SELECT pg_current_xact_id(), %L, 'U', %L || s.set_list || %L || %s
+                           FROM (SELECT row_number() OVER () AS %6$I, * FROM pyreplica_old) o
+                           JOIN (SELECT row_number() OVER () AS %6$I, * FROM pyreplica_new) n USING (%6$I)
+                          CROSS JOIN LATERAL (SELECT %5$s AS set_list) s
+                          WHERE s.set_list <> ''
+                          ORDER BY %6$I$q$,
+                      target, format('UPDATE %s SET ', target), ' WHERE ',
+                      (SELECT string_agg(format($e$%L || format('%%L', o.%s)$e$, c || ' = ', c), $s$ || ' AND ' || $s$) FROM unnest(pk) c),
+                      stmt, rn);
+    END IF;
+    RAISE EXCEPTION 'pyreplica: unknown operation %', op;
+END
+$fn$;
+COMMENT ON FUNCTION pyreplica.py_log_capture_sql(regclass, "char") IS
+    'pyreplica: the query that logs one statement''s rows of a table';
+
+-- The capture trigger. Kept tiny: find (or prepare once per backend) the logging query for this
+-- table, operation and column signature, run it, NOTIFY. PostgreSQL folds identical NOTIFYs of one
+-- transaction into one, so listeners get one notification per writing transaction.
+CREATE OR REPLACE FUNCTION pyreplica.py_log_replica()
+RETURNS trigger
+LANGUAGE plpython3u
+SECURITY DEFINER
+-- Only the settings that change what format('%L') writes in a way a slave could read otherwise:
+-- every SET clause costs each call. Not pinned, because they cannot: TimeZone (ISO dates carry an
+-- explicit offset), bytea_output (both formats read back the same), standard_conforming_strings
+-- (quote_literal writes E'' strings when there is a backslash), xmloption (input only).
+SET search_path = pg_catalog, pg_temp
+SET "DateStyle" = 'ISO, YMD'
+SET "IntervalStyle" = 'iso_8601'
+SET extra_float_digits = 1
+SET lc_monetary = 'C'
+AS $py$
+# TD["args"][0] is the table's column signature, renewed by py_log_replica_ddl whenever
+# ALTER TABLE changes the columns: a new signature means a new query.
+# No NOTIFY while pyreplica replays (session_replication_role = replica, reached only by
+# ENABLE ALWAYS triggers in a cascade): PostgreSQL refuses to PREPARE a transaction that sent one;
+# the daemon notifies this database's listeners itself once the batch is committed. For the same
+# reason an application that prepares its own transactions sets pyreplica.notify = off (README).
+NOTIFY = ("SELECT pg_catalog.pg_notify('replicas', '') WHERE pg_catalog.current_setting('session_replication_role') <> 'replica'"
+          " AND coalesce(pg_catalog.current_setting('pyreplica.notify', true), '') <> 'off'")
+key = (TD["relid"], TD["event"], tuple(TD["args"] or ()))
+plan = SD.get(key)
+if plan is None:
+    op = {"INSERT": "I", "UPDATE": "U", "DELETE": "D", "TRUNCATE": "T"}[TD["event"]]
+    text = plpy.execute(plpy.prepare('SELECT pyreplica.py_log_capture_sql($1::pg_catalog.regclass, $2::pg_catalog."char") AS q',
+                                     ["oid", '"char"']), [TD["relid"], op])[0]["q"]
+    plan = SD[key] = (plpy.prepare(text), plpy.prepare(NOTIFY))
+if plpy.execute(plan[0]).nrows() > 0 or TD["event"] == "TRUNCATE":
+    plpy.execute(plan[1])
+# A tick at most once a second per backend (pyreplica.tick): the end points of catch-up steps,
+# recorded while the master is written to, whether a daemon runs or not. One clock read per call.
+tick = SD.get("tick")
+if tick is None:
+    import time
+    tick = SD["tick"] = [time.monotonic, 0.0, plpy.prepare("SELECT pyreplica.tick()")]
+now = tick[0]()
+if now >= tick[1]:
+    tick[1] = now + 1.0
+    plpy.execute(tick[2])
+$py$;
+COMMENT ON FUNCTION pyreplica.py_log_replica() IS 'pyreplica: the capture trigger';
+
+-- The signature of what a table's capture query is made of: it changes when the table is renamed
+-- or moved to another schema, a column is added, dropped, renamed or retyped, becomes generated or
+-- an identity, or the primary key changes (columns or deferrability).
+CREATE OR REPLACE FUNCTION pyreplica.py_log_signature(rel regclass)
+RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT md5(rel::text || ':'
+               || coalesce(string_agg(format('%s:%s:%s:%s:%s:%s', attnum, attname, atttypid, atttypmod, attgenerated, attidentity), ',' ORDER BY attnum), '')
+               || coalesce((SELECT indkey::text || indimmediate::text FROM pg_index WHERE indrelid = rel AND indisprimary), ''))
+      FROM pg_attribute
+     WHERE attrelid = rel AND attnum > 0 AND NOT attisdropped;
+$fn$;
+COMMENT ON FUNCTION pyreplica.py_log_signature(regclass) IS 'pyreplica: the column signature of a captured table';
+
+-- Resolve a table name as the install guide's query passes it (pg_class.relname as it is, whatever
+-- its case, spaces or dots) or as a person types it ('name', 'schema.name', "Quoted"."Names").
+-- Every reading is tried: when they find more than one table (a relname that merely contains a dot,
+-- such as "public.accounts" in some schema, next to public.accounts), or a bare name is found in
+-- several schemas, the answer is a problem line, never a guess. A bare name found in one schema
+-- only is that table even off the search_path. Temporary tables are not candidates (a slave has
+-- none of them). Returns the table, or NULL and a line saying what is wrong.
+CREATE OR REPLACE FUNCTION pyreplica.py_log_resolve(tablename text, OUT rel regclass, OUT problem text)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    parts   text[];
+    found   regclass[];
+BEGIN
+    BEGIN
+        parts := parse_ident(tablename);
+    EXCEPTION WHEN others THEN
+        parts := NULL;
+    END;
+    SELECT array_agg(DISTINCT c.oid::regclass) INTO found
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.relkind IN ('r', 'p') AND c.relpersistence <> 't'
+       AND (c.relname = tablename                                                  -- the relname itself
+            OR (array_length(parts, 1) = 1 AND c.relname = parts[1])                -- an SQL name
+            OR (array_length(parts, 1) = 2 AND n.nspname = parts[1] AND c.relname = parts[2]));
+    IF array_length(found, 1) = 1 THEN
+        rel := found[1];
+    ELSIF array_length(found, 1) > 1 THEN
+        problem := format('table %s is ambiguous: it could be %s; give it as schema.name with quotes, e.g. %s',
+                          tablename,
+                          (SELECT string_agg(pyreplica.py_log_display(f), ' or ' ORDER BY pyreplica.py_log_display(f)) FROM unnest(found) f),
+                          (SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                            WHERE c.oid = found[1]));
+    ELSIF array_length(parts, 1) > 2 THEN
+        problem := format('table %s: expected name or schema.name (couldn''t be replicated)!', tablename);
+    ELSE
+        problem := format('table %s does not exist (couldn''t be replicated)!', tablename);
+    END IF;
+END
+$fn$;
+
+-- How answer lines name a table: schema-qualified and quoted where needed, except the install
+-- guide's tables in schema public, which keep their bare names (`created trigger on tt (id1,id2)`).
+CREATE OR REPLACE FUNCTION pyreplica.py_log_display(rel regclass)
+RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT CASE WHEN n.nspname = 'public' THEN quote_ident(c.relname) ELSE format('%I.%I', n.nspname, c.relname) END
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.oid = rel;
+$fn$;
+COMMENT ON FUNCTION pyreplica.py_log_display(regclass) IS 'pyreplica: a table''s name in answer lines';
+COMMENT ON FUNCTION pyreplica.py_log_resolve(text) IS 'pyreplica: resolve a table name to exactly one table';
+
+CREATE OR REPLACE FUNCTION pyreplica.py_log_is_own_table(rel regclass)
+RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT (SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel) = 'pyreplica';
+$fn$;
+COMMENT ON FUNCTION pyreplica.py_log_is_own_table(regclass) IS 'pyreplica: is this one of pyreplica''s own tables';
+
+-- The tables whose capture triggers go with rel's: rel and every partition below it. A statement
+-- fires the statement-level triggers of the table it names only, so a row written straight into a
+-- partition is seen by that partition's triggers alone.
+CREATE OR REPLACE FUNCTION pyreplica.py_log_members(rel regclass)
+RETURNS SETOF regclass
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT rel
+    UNION
+    SELECT relid FROM pg_partition_tree(rel) WHERE relid::oid IN (SELECT oid FROM pg_class WHERE relkind IN ('r', 'p'));
+$fn$;
+COMMENT ON FUNCTION pyreplica.py_log_members(regclass) IS 'pyreplica: a table and its partitions';
+
+-- Is this table captured (does it carry pyreplica's capture trigger)? Asked in one place only.
+CREATE OR REPLACE FUNCTION pyreplica.py_log_is_captured(rel regclass)
+RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT EXISTS (SELECT FROM pg_trigger WHERE tgrelid = rel AND tgfoid = 'pyreplica.py_log_replica()'::regprocedure);
+$fn$;
+COMMENT ON FUNCTION pyreplica.py_log_is_captured(regclass) IS 'pyreplica: does a table carry the capture trigger';
+
+-- (Re)create the four capture triggers of one table; returns its primary-key columns.
+-- Raises if the table has no primary key.
+CREATE OR REPLACE FUNCTION pyreplica.py_log_add_triggers(rel regclass)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    pkcols text;
+    sig    text := pyreplica.py_log_signature(rel);
+    base   text := (SELECT relname FROM pg_class WHERE oid = rel);
+    ev     text;
+BEGIN
+    SELECT string_agg(a.attname, ',' ORDER BY k.ord) INTO pkcols
+      FROM pg_index i
+      CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+     WHERE i.indrelid = rel AND i.indisprimary;
+    IF pkcols IS NULL THEN
+        RAISE EXCEPTION 'pyreplica: table % is replicated and must keep a primary key', rel
+            USING HINT = format('Stop replicating it first: SELECT py_log_drop_tg(%L);', rel::text);
+    END IF;
+    IF EXISTS (SELECT FROM pg_index WHERE indrelid = rel AND indisprimary AND NOT indimmediate) THEN
+        RAISE EXCEPTION 'pyreplica: table % is replicated and its primary key cannot be deferrable', rel
+            USING HINT = format('Stop replicating it first: SELECT py_log_drop_tg(%L);', rel::text);
+    END IF;
+    -- Trigger names are <table>_replica_tg[_u|_d|_t]; a long table name is cut so that all four
+    -- fit in 63 bytes and stay distinct (PostgreSQL would cut them to the same name).
+    WHILE octet_length(base || '_replica_tg_x') > 63 LOOP
+        base := left(base, -1);
+    END LOOP;
+    PERFORM pyreplica.py_log_drop_triggers(rel);
+    FOREACH ev IN ARRAY ARRAY['insert', 'update', 'delete', 'truncate'] LOOP
+        EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s %s FOR EACH STATEMENT EXECUTE FUNCTION pyreplica.py_log_replica(%L)',
+                       base || '_replica_tg' || CASE ev WHEN 'insert' THEN '' ELSE '_' || left(ev, 1) END,
+                       upper(ev), rel,
+                       CASE ev WHEN 'insert' THEN 'REFERENCING NEW TABLE AS pyreplica_new'
+                               WHEN 'update' THEN 'REFERENCING OLD TABLE AS pyreplica_old NEW TABLE AS pyreplica_new'
+                               WHEN 'delete' THEN 'REFERENCING OLD TABLE AS pyreplica_old'
+                               ELSE '' END,
+                       sig);
+    END LOOP;
+    RETURN pkcols;
+END
+$fn$;
+COMMENT ON FUNCTION pyreplica.py_log_add_triggers(regclass) IS 'pyreplica: (re)create the capture triggers of one table';
+
+-- Put the capture triggers on a table (and its partitions). Returns one line per table saying what
+-- happened; a problem with one table is such a line, never an error, so that the install guide's
+-- query over every table always completes. pyreplica's own tables yield no line at all.
+CREATE OR REPLACE FUNCTION pyreplica.py_log_create_tg(tablename text)
+RETURNS SETOF text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    r       record;
+    member  regclass;
+    pkcols  text;
+    shown   text;
+BEGIN
+    SELECT * INTO r FROM pyreplica.py_log_resolve(tablename);
+    IF r.problem IS NOT NULL THEN
+        RETURN NEXT r.problem;
+        RETURN;
+    END IF;
+    IF pyreplica.py_log_is_own_table(r.rel) THEN
+        RAISE NOTICE 'pyreplica: % is pyreplica''s own table, not replicated', r.rel;
+        RETURN;
+    END IF;
+    shown := pyreplica.py_log_display(r.rel);
+    IF (SELECT relispartition FROM pg_class WHERE oid = r.rel) THEN
+        RETURN NEXT format('table %s is a partition: replicate its partitioned table %s instead',
+                           shown, pyreplica.py_log_display(pg_partition_root(r.rel)));
+        RETURN;
+    END IF;
+    IF EXISTS (SELECT FROM pg_inherits WHERE inhrelid = r.rel) THEN
+        RETURN NEXT format('table %s inherits from another table (couldn''t be replicated)!', shown);
+        RETURN;
+    END IF;
+    -- Rows of inheritance children are seen by their own triggers only, and a parent's primary key
+    -- does not cover them: replicating the parent alone would be silently partial.
+    IF EXISTS (SELECT FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+                WHERE i.inhparent = r.rel AND NOT c.relispartition) THEN
+        RETURN NEXT format('table %s has inheritance children (%s) (couldn''t be replicated)!', shown,
+                           (SELECT string_agg(pyreplica.py_log_display(i.inhrelid), ', ' ORDER BY 1)
+                              FROM pg_inherits i WHERE i.inhparent = r.rel));
+        RETURN;
+    END IF;
+    IF pyreplica.py_log_pk(r.rel) IS NULL THEN
+        RETURN NEXT format('table %s has no pk constraint (couldn''t be replicated)!', shown);
+        RETURN;
+    END IF;
+    -- A deferrable key may hold duplicates until the end of a statement or transaction, so a
+    -- logged "WHERE key = ..." could then match two rows on the slave: refused, not corrupted.
+    IF EXISTS (SELECT FROM pg_index WHERE indrelid = r.rel AND indisprimary AND NOT indimmediate) THEN
+        RETURN NEXT format('table %s has a deferrable pk constraint (couldn''t be replicated)!', shown);
+        RETURN;
+    END IF;
+    FOR member IN SELECT pyreplica.py_log_members(r.rel) LOOP
+        IF member = r.rel THEN
+            pkcols := pyreplica.py_log_add_triggers(member);
+        ELSE
+            PERFORM pyreplica.py_log_add_triggers(member);
+        END IF;
+    END LOOP;
+    RETURN NEXT format('created trigger on %s (%s)', shown, pkcols);
+END
+$fn$;
+COMMENT ON FUNCTION pyreplica.py_log_create_tg(text) IS 'pyreplica: start capturing a table (and its partitions)';
+
+-- Drop pyreplica's capture triggers from a table, whatever their names (the table may have been
+-- renamed since). Returns how many were dropped.
+CREATE OR REPLACE FUNCTION pyreplica.py_log_drop_triggers(rel regclass)
+RETURNS int
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    t    record;
+    n    int := 0;
+BEGIN
+    FOR t IN SELECT tgname FROM pg_trigger
+              WHERE tgrelid = rel AND tgfoid = 'pyreplica.py_log_replica()'::regprocedure LOOP
+        EXECUTE format('DROP TRIGGER %I ON %s', t.tgname, rel);
+        n := n + 1;
+    END LOOP;
+    RETURN n;
+END
+$fn$;
+COMMENT ON FUNCTION pyreplica.py_log_drop_triggers(regclass) IS 'pyreplica: drop the capture triggers of one table';
+
+-- Stop replicating a table (and its partitions).
+CREATE OR REPLACE FUNCTION pyreplica.py_log_drop_tg(tablename text)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    r record;
+    n int := 0;
+BEGIN
+    SELECT * INTO r FROM pyreplica.py_log_resolve(tablename);
+    IF r.problem IS NOT NULL THEN
+        RETURN r.problem;
+    END IF;
+    SELECT sum(pyreplica.py_log_drop_triggers(m)) INTO n FROM pyreplica.py_log_members(r.rel) m;
+    IF n = 0 THEN
+        RETURN format('table %s had no replica trigger', pyreplica.py_log_display(r.rel));
+    END IF;
+    RETURN format('dropped trigger on %s', pyreplica.py_log_display(r.rel));
+END
+$fn$;
+COMMENT ON FUNCTION pyreplica.py_log_drop_tg(text) IS 'pyreplica: stop capturing a table (and its partitions)';
+
+-- After ALTER TABLE or CREATE TABLE: for every replicated table touched (a partition counts as its
+-- partitioned table), renew the column signature of its triggers and its partitions' triggers
+-- where it changed, so that every backend prepares a new capture query (a cached one would miss
+-- an added column), and put triggers on a partition just created or attached. A new inheritance
+-- child of a replicated table is refused (its rows would never be captured), and so is a new
+-- parent of one.
+CREATE OR REPLACE FUNCTION pyreplica.py_log_replica_ddl()
+RETURNS event_trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    root   regclass;
+    member regclass;
+    parent regclass;
+    child  regclass;
+BEGIN
+    -- A new inheritance link touching a replicated table, either way round: a child's rows escape
+    -- the parent's statement triggers, and so do rows of a replicated child changed through its parent.
+    SELECT i.inhparent, d.objid::regclass INTO parent, child
+      FROM pg_event_trigger_ddl_commands() d
+      JOIN pg_inherits i ON i.inhrelid = d.objid
+      JOIN pg_class c ON c.oid = d.objid
+     WHERE d.classid = 'pg_class'::regclass AND NOT c.relispartition
+       AND (pyreplica.py_log_is_captured(i.inhparent) OR pyreplica.py_log_is_captured(d.objid))
+     LIMIT 1;
+    IF pyreplica.py_log_is_captured(parent) THEN
+        RAISE EXCEPTION 'pyreplica: table % is replicated and cannot get inheritance children (their rows would not be replicated)', parent
+            USING HINT = 'Use a partitioned table, or stop replicating it first: SELECT py_log_drop_tg(...);';
+    ELSIF child IS NOT NULL THEN
+        RAISE EXCEPTION 'pyreplica: table % is replicated and cannot inherit from another table (rows changed through the parent would not be replicated)', child
+            USING HINT = 'Stop replicating it first: SELECT py_log_drop_tg(...);';
+    END IF;
+    FOR root IN SELECT DISTINCT coalesce(pg_partition_root(objid), objid)::regclass
+                  FROM pg_event_trigger_ddl_commands()
+                 WHERE classid = 'pg_class'::regclass AND objsubid = 0
+                   AND objid IN (SELECT oid FROM pg_class WHERE relkind IN ('r', 'p')) LOOP
+        CONTINUE WHEN NOT pyreplica.py_log_is_captured(root);
+        FOR member IN SELECT pyreplica.py_log_members(root) LOOP
+            IF NOT EXISTS (SELECT FROM pg_trigger
+                            WHERE tgrelid = member AND tgfoid = 'pyreplica.py_log_replica()'::regprocedure
+                              AND encode(tgargs, 'escape') = pyreplica.py_log_signature(member) || '\000'
+                           HAVING count(*) = 4) THEN
+                PERFORM pyreplica.py_log_add_triggers(member);
+            END IF;
+        END LOOP;
+    END LOOP;
+END
+$fn$;
+COMMENT ON FUNCTION pyreplica.py_log_replica_ddl() IS 'pyreplica: keep capture triggers right after ALTER/CREATE TABLE';
+
+-- ---------------------------------------------------------------------------------------------
+-- An administrator's SQL (DDL to propagate): run here, and logged so every slave runs it too, in
+-- the same place of the stream. The slave runs it as the daemon's role.
+-- Runs with the caller's rights and search_path (an unqualified name means what it means to the
+-- caller here; on a slave it is resolved by the daemon's search_path, so qualify names): no SET
+-- clause, so every name in its own body is schema-qualified.
+-- ---------------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION pyreplica.py_log_sql(statement text)
+RETURNS bigint
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    logged bigint;
+BEGIN
+    EXECUTE statement;
+    INSERT INTO pyreplica.replica_log (txid, relname, op, sql)
+    VALUES (pg_catalog.pg_current_xact_id(), NULL, 'S', statement)
+    RETURNING id INTO logged;
+    IF coalesce(pg_catalog.current_setting('pyreplica.notify', true), '') OPERATOR(pg_catalog.<>) 'off' THEN
+        PERFORM pg_catalog.pg_notify('replicas', '');
+    END IF;
+    RETURN logged;
+END
+$fn$;
+COMMENT ON FUNCTION pyreplica.py_log_sql(text) IS
+    'pyreplica: run an administrator''s SQL (e.g. ALTER TABLE) here and log it for every slave; returns its log id';
+
+-- ---------------------------------------------------------------------------------------------
+-- What the daemon, clone, status and compare ask (one function per question) and the registry's
+-- state transitions (one function each, SECURITY DEFINER: the daemon's role writes nothing itself).
+-- ---------------------------------------------------------------------------------------------
+
+-- The captured tables: with all their columns (compare hashes them), the columns a logged
+-- statement may name (no generated ones), and the primary key.
+CREATE OR REPLACE FUNCTION pyreplica.captured_tables()
+RETURNS TABLE (rel regclass, qualified text, schema_name text, table_name text,
+               columns text[], written_columns text[], pk text[], is_partition boolean)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT c.oid::regclass, format('%I.%I', n.nspname, c.relname), n.nspname::text, c.relname::text,
+           (SELECT array_agg(a.attname::text ORDER BY a.attnum) FROM pg_attribute a
+             WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped),
+           (SELECT array_agg(a.attname::text ORDER BY a.attnum) FROM pg_attribute a
+             WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''),
+           (SELECT array_agg(a.attname::text ORDER BY k.ord)
+              FROM pg_index i
+             CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+              JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+             WHERE i.indrelid = c.oid AND i.indisprimary),
+           c.relispartition
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.oid IN (SELECT tgrelid FROM pg_trigger) AND pyreplica.py_log_is_captured(c.oid)
+     ORDER BY n.nspname, c.relname;
+$fn$;
+COMMENT ON FUNCTION pyreplica.captured_tables() IS 'pyreplica: the captured tables, their columns and keys';
+
+-- The events a slave at snapshot `since` has not applied (docs/design.md §4). LANGUAGE sql with no
+-- SET clause so that the planner inlines it and the batch cursor keeps using the txid index; hence
+-- the qualified operators.
+CREATE OR REPLACE FUNCTION pyreplica.unapplied(since pg_snapshot)
+RETURNS SETOF pyreplica.replica_log
+LANGUAGE sql STABLE
+AS $fn$
+    SELECT * FROM pyreplica.replica_log l
+     WHERE l.txid OPERATOR(pg_catalog.>=) pg_catalog.pg_snapshot_xmin(since)
+       AND NOT pg_catalog.pg_visible_in_snapshot(l.txid, since)
+$fn$;
+COMMENT ON FUNCTION pyreplica.unapplied(pg_snapshot) IS 'pyreplica: events not visible in a slave''s snapshot';
+
+-- ---------------------------------------------------------------------------------------------
+-- Ticks: master snapshots recorded as time passes, so that a backlog is applied in bounded,
+-- committed steps, each a consistent cut in commit order (docs/design.md §4, PgQ's ticks).
+-- ---------------------------------------------------------------------------------------------
+
+-- Does snapshot `later` contain snapshot `earlier`: is every transaction visible in `earlier`
+-- visible in `later` too? Only then may a batch go from `earlier` to `later`: the events visible in
+-- `later` and not in `earlier` are then exactly the transactions that committed in between.
+CREATE OR REPLACE FUNCTION pyreplica.snapshot_covers(later pg_snapshot, earlier pg_snapshot)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE STRICT
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT pg_snapshot_xmin(earlier) <= pg_snapshot_xmin(later)
+       AND pg_snapshot_xmax(earlier) <= pg_snapshot_xmax(later)
+       AND NOT EXISTS (SELECT FROM pg_snapshot_xip(later) AS x
+                        WHERE x < pg_snapshot_xmax(earlier) AND pg_visible_in_snapshot(x, earlier));
+$fn$;
+COMMENT ON FUNCTION pyreplica.snapshot_covers(pg_snapshot, pg_snapshot) IS
+    'pyreplica: is every transaction visible in the second snapshot visible in the first';
+
+-- Record a tick, unless one was recorded less than min_gap ago. The capture trigger calls it at
+-- most once a second per backend, so a master written to records ticks also while no daemon runs
+-- (the outage a catch-up follows). The snapshot is the master as every other session saw it: inside
+-- a writing transaction PostgreSQL leaves the transaction's own xid out of the running list (to
+-- itself its writes are visible), so it is put back, else the tick would show this transaction
+-- committed before others that in fact commit earlier.
+CREATE OR REPLACE FUNCTION pyreplica.tick(min_gap interval DEFAULT interval '1 second')
+RETURNS boolean
+LANGUAGE sql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    WITH here AS (
+        SELECT pg_current_snapshot() AS s, pg_current_xact_id_if_assigned() AS me
+    ), seen AS (
+        SELECT CASE WHEN me IS NULL OR me >= pg_snapshot_xmax(s) THEN s
+                    ELSE (least(pg_snapshot_xmin(s), me)::text || ':' || pg_snapshot_xmax(s)::text || ':'
+                          || (SELECT string_agg(x::text, ',' ORDER BY x)
+                                FROM (SELECT pg_snapshot_xip(s) UNION SELECT me) AS running(x)))::pg_snapshot
+               END AS snapshot
+          FROM here
+    ), added AS (
+        INSERT INTO pyreplica.ticks (snapshot, snapshot_xmax, last_id)
+        SELECT snapshot, pg_snapshot_xmax(snapshot), (SELECT last_value FROM pyreplica.replica_log_id_seq)
+          FROM seen
+         WHERE NOT EXISTS (SELECT FROM pyreplica.ticks WHERE ts > clock_timestamp() - min_gap)
+        RETURNING 1
+    )
+    SELECT EXISTS (SELECT FROM added);
+$fn$;
+COMMENT ON FUNCTION pyreplica.tick(interval) IS 'pyreplica: record the master''s snapshot as an end point of catch-up steps';
+
+-- Where the next batch of a slave at `start` ends; `current` is the reader's snapshot. `current`
+-- while at most max_events events separate them (live replication keeps its latency); else the
+-- furthest tick at most about max_events events past the first tick after `start` (the log's
+-- sequence counts them), so a backlog is applied in bounded committed steps. A tick qualifies only
+-- when it contains `start` and `current` contains it: each step is a consistent cut in commit
+-- order, and the reader sees every event of it. Without a qualifying tick: `current`.
+CREATE OR REPLACE FUNCTION pyreplica.batch_end(start pg_snapshot, current pg_snapshot, max_events bigint)
+RETURNS pg_snapshot
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    pending bigint;
+    first   pyreplica.ticks;
+    chosen  pg_snapshot;
+BEGIN
+    SELECT count(*) INTO pending
+      FROM (SELECT FROM pyreplica.unapplied(start) l
+             WHERE l.txid < pg_snapshot_xmax(current) AND pg_visible_in_snapshot(l.txid, current)
+             LIMIT max_events + 1) p;
+    IF pending <= max_events THEN
+        RETURN current;
+    END IF;
+    SELECT * INTO first FROM pyreplica.ticks t
+     WHERE t.snapshot_xmax BETWEEN pg_snapshot_xmax(start) AND pg_snapshot_xmax(current)
+       AND t.snapshot::text <> start::text
+       AND pyreplica.snapshot_covers(t.snapshot, start) AND pyreplica.snapshot_covers(current, t.snapshot)
+     ORDER BY t.snapshot_xmax, t.last_id LIMIT 1;
+    IF NOT FOUND THEN
+        RETURN current;
+    END IF;
+    SELECT t.snapshot INTO chosen FROM pyreplica.ticks t
+     WHERE t.last_id BETWEEN first.last_id AND first.last_id + max_events
+       AND t.snapshot_xmax BETWEEN first.snapshot_xmax AND pg_snapshot_xmax(current)
+       AND t.snapshot::text <> start::text
+       AND pyreplica.snapshot_covers(t.snapshot, start) AND pyreplica.snapshot_covers(current, t.snapshot)
+     ORDER BY t.snapshot_xmax DESC, t.last_id DESC LIMIT 1;
+    RETURN coalesce(chosen, first.snapshot);
+END
+$fn$;
+COMMENT ON FUNCTION pyreplica.batch_end(pg_snapshot, pg_snapshot, bigint) IS
+    'pyreplica: the end snapshot of a slave''s next batch: now, or a tick when the backlog is large';
+
+-- Register a slave at a snapshot (default: now, the start of a guide-style dump). A name belongs to
+-- one slave: registering a name that exists needs drop_slave first.
+CREATE OR REPLACE FUNCTION pyreplica.register_slave(slave text, at pg_snapshot DEFAULT NULL,
+                                                    slave_system_id text DEFAULT NULL, slave_database text DEFAULT NULL)
+RETURNS pg_snapshot
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    start pg_snapshot := coalesce(at, pg_current_snapshot());
+BEGIN
+    INSERT INTO pyreplica.replica_slaves AS s (name, confirmed, start_snapshot, slave_system_id, slave_database)
+    VALUES (slave, start, start, register_slave.slave_system_id, register_slave.slave_database)
+    ON CONFLICT (name) DO NOTHING;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pyreplica: a slave named "%" is already registered on this master', slave
+            USING HINT = format('Choose another name (--name), or forget the old slave first: pyreplica drop-slave %s MASTER', slave);
+    END IF;
+    RETURN start;
+END
+$fn$;
+COMMENT ON FUNCTION pyreplica.register_slave(text, pg_snapshot, text, text) IS 'pyreplica: register a slave at a snapshot';
+
+-- Where a slave that was never registered may start: before the oldest event, as long as no
+-- event was ever removed; NULL once the log has been pruned (it must be registered or cloned).
+CREATE OR REPLACE FUNCTION pyreplica.log_start()
+RETURNS pg_snapshot
+LANGUAGE sql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT CASE WHEN EXISTS (SELECT FROM pyreplica.log_pruned) THEN NULL
+                ELSE coalesce((SELECT (min(txid)::text || ':' || min(txid)::text || ':')::pg_snapshot
+                                 FROM pyreplica.replica_log),
+                              pg_current_snapshot())
+           END;
+$fn$;
+COMMENT ON FUNCTION pyreplica.log_start() IS
+    'pyreplica: a snapshot before every event ever logged, or NULL when events have been removed';
+
+-- A daemon claims its name for its slave (system identifier and database): the first start
+-- records the identity, every later start must match it.
+CREATE OR REPLACE FUNCTION pyreplica.claim_slave(slave text, slave_system_id text, slave_database text)
+RETURNS TABLE (confirmed text, batch_id bigint, start_snapshot text)
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    s pyreplica.replica_slaves;
+BEGIN
+    -- no row lock: an in-doubt batch of this slave may hold one, and recovery comes after this
+    SELECT * INTO s FROM pyreplica.replica_slaves r WHERE r.name = slave;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    IF s.slave_system_id IS NULL THEN
+        UPDATE pyreplica.replica_slaves r
+           SET slave_system_id = claim_slave.slave_system_id, slave_database = claim_slave.slave_database,
+               last_contact = now()
+         WHERE r.name = slave AND r.slave_system_id IS NULL;
+    ELSIF (s.slave_system_id, s.slave_database) IS DISTINCT FROM (claim_slave.slave_system_id, claim_slave.slave_database) THEN
+        RAISE EXCEPTION 'pyreplica: slave name "%" belongs to another slave (database % of server %), not to this one (database % of server %)',
+                        slave, s.slave_database, s.slave_system_id, claim_slave.slave_database, claim_slave.slave_system_id
+            USING HINT = 'Give this slave its own name (--name or SLAVE_FIELD); to reuse the name, drop the other slave first (pyreplica drop-slave).',
+                  ERRCODE = 'PR002';
+    END IF;
+    RETURN QUERY SELECT s.confirmed::text, s.batch_id, coalesce(s.start_snapshot, s.confirmed)::text;
+END
+$fn$;
+COMMENT ON FUNCTION pyreplica.claim_slave(text, text, text) IS 'pyreplica: check (or record) which slave owns a name';
+
+CREATE OR REPLACE FUNCTION pyreplica.confirm(slave text, snap pg_snapshot, batch bigint, events bigint)
+RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    UPDATE pyreplica.replica_slaves
+       SET confirmed = snap, batch_id = batch, applied = applied + events,
+           confirmed_at = now(), last_contact = now()
+     WHERE name = slave;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pyreplica: slave "%" is not registered on this master (dropped with drop-slave?)', slave
+            USING HINT = 'Register it again with pyreplica clone, or start the daemon with a new slave database.';
+    END IF;
+END
+$fn$;
+COMMENT ON FUNCTION pyreplica.confirm(text, pg_snapshot, bigint, bigint) IS 'pyreplica: record a slave''s new position';
+
+-- Bring a slave's record back to the slave's own position when the record got ahead of it (an
+-- operator committed the master's side of an in-doubt batch and rolled back the slave's, or the
+-- slave was restored from an older backup). Possible only while every event the slave still
+-- needs is in the log; serialised with prune, which takes the same lock.
+CREATE OR REPLACE FUNCTION pyreplica.rewind_slave(slave text, snap pg_snapshot, batch bigint)
+RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    gone xid8;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtext('pyreplica prune'));
+    SELECT horizon INTO gone FROM pyreplica.log_pruned WHERE horizon > pg_snapshot_xmin(snap);
+    IF FOUND THEN
+        RAISE EXCEPTION 'pyreplica: slave "%" is at batch % but the master has pruned events it still needs (of transactions below %)', slave, batch, gone
+            USING HINT = 'Rebuild the slave with pyreplica clone (drop-slave first).', ERRCODE = 'PR003';
+    END IF;
+    UPDATE pyreplica.replica_slaves SET confirmed = snap, batch_id = batch, confirmed_at = now(), last_contact = now()
+     WHERE name = slave;
+END
+$fn$;
+COMMENT ON FUNCTION pyreplica.rewind_slave(text, pg_snapshot, bigint) IS
+    'pyreplica: move a slave''s record back to its own position while the events it needs remain';
+
+CREATE OR REPLACE FUNCTION pyreplica.touch(slave text)
+RETURNS void
+LANGUAGE sql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    UPDATE pyreplica.replica_slaves SET last_contact = now() WHERE name = slave;
+$fn$;
+COMMENT ON FUNCTION pyreplica.touch(text) IS 'pyreplica: a slave''s daemon is alive';
+
+-- Delete, in small batches, the events every registered slave has confirmed: those of
+-- transactions older than the oldest confirmed snapshot's xmin. One prune at a time (several
+-- daemons deleting the same rows would deadlock); returns how many were deleted.
+CREATE OR REPLACE FUNCTION pyreplica.prune(batch_size int DEFAULT 5000)
+RETURNS bigint
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    horizon xid8 := (SELECT min(pg_snapshot_xmin(confirmed)) FROM pyreplica.replica_slaves);
+    deleted bigint;
+BEGIN
+    IF horizon IS NULL OR NOT pg_try_advisory_xact_lock(hashtext('pyreplica prune')) THEN
+        RETURN 0;   -- no slave registered yet (keep everything), or another daemon is pruning
+    END IF;
+    DELETE FROM pyreplica.replica_log
+     WHERE id IN (SELECT id FROM pyreplica.replica_log WHERE txid < horizon ORDER BY id LIMIT batch_size);
+    GET DIAGNOSTICS deleted = ROW_COUNT;
+    -- A tick below the horizon is contained in every slave's position: no slave can step to it.
+    DELETE FROM pyreplica.ticks WHERE snapshot_xmax <= horizon;
+    IF deleted > 0 THEN
+        INSERT INTO pyreplica.log_pruned (horizon) VALUES (horizon)
+        ON CONFLICT (one) DO UPDATE SET horizon = EXCLUDED.horizon, pruned_at = now();
+    END IF;
+    RETURN deleted;
+END
+$fn$;
+COMMENT ON FUNCTION pyreplica.prune(int) IS 'pyreplica: delete events every slave has applied';
+
+CREATE OR REPLACE FUNCTION pyreplica.drop_slave(slave text)
+RETURNS boolean
+LANGUAGE sql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    WITH gone AS (DELETE FROM pyreplica.replica_slaves WHERE name = slave RETURNING 1)
+    SELECT EXISTS (SELECT FROM gone);
+$fn$;
+COMMENT ON FUNCTION pyreplica.drop_slave(text) IS 'pyreplica: forget a slave';
+
+-- An event an administrator told a slave to skip (pyreplica skip-event): the master's record of the
+-- request (the slave keeps its own, marked when a committed batch left the event out). Validated
+-- here: the slave is registered and the event is in the log and not yet applied by it.
+DO $skipped$
+BEGIN
+    IF to_regclass('pyreplica.skipped_events') IS NULL THEN
+        CREATE TABLE pyreplica.skipped_events (
+            slave        text        NOT NULL,
+            event_id     bigint      NOT NULL,
+            txid         xid8        NOT NULL,
+            op           "char"      NOT NULL,
+            relname      text,
+            requested_by name        NOT NULL DEFAULT session_user,
+            requested_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (slave, event_id)
+        );
+        COMMENT ON TABLE pyreplica.skipped_events IS 'pyreplica: events an administrator told a slave to skip (skip-event)';
+        REVOKE ALL ON pyreplica.skipped_events FROM PUBLIC;
+        GRANT SELECT ON pyreplica.skipped_events TO pyreplica_daemon;
+    END IF;
+END
+$skipped$;
+
+CREATE OR REPLACE FUNCTION pyreplica.skip_event(slave text, event bigint, OUT event_txid text, OUT description text)
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    s pyreplica.replica_slaves;
+    e pyreplica.replica_log;
+BEGIN
+    -- no row lock: the batch stuck at this event may be in doubt and hold one
+    SELECT * INTO s FROM pyreplica.replica_slaves r WHERE r.name = skip_event.slave;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pyreplica: no slave named "%" is registered on this master', slave
+            USING HINT = 'Check the name (--name, or the slave''s database name).';
+    END IF;
+    SELECT * INTO e FROM pyreplica.replica_log l WHERE l.id = skip_event.event;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pyreplica: event % is not in the master''s log (never logged, or applied by every slave and pruned)', event
+            USING HINT = 'Give the id of the event replay stopped at, as the daemon''s "conflict at event N" line names it.';
+    END IF;
+    IF pg_visible_in_snapshot(e.txid, s.confirmed) THEN
+        RAISE EXCEPTION 'pyreplica: event % is not pending for slave "%": it applied it already (its position is batch %)', event, slave, s.batch_id
+            USING HINT = 'Give the id of the event replay stopped at, as the daemon''s "conflict at event N" line names it.';
+    END IF;
+    INSERT INTO pyreplica.skipped_events (slave, event_id, txid, op, relname)
+    VALUES (s.name, e.id, e.txid, e.op, e.relname)
+    ON CONFLICT ON CONSTRAINT skipped_events_pkey DO NOTHING;
+    event_txid := e.txid::text;
+    description := format('%s on %s', CASE e.op WHEN 'I' THEN 'INSERT' WHEN 'U' THEN 'UPDATE' WHEN 'D' THEN 'DELETE'
+                                                 WHEN 'T' THEN 'TRUNCATE' ELSE 'SQL' END,
+                          coalesce(e.relname, '-'));
+END
+$fn$;
+COMMENT ON FUNCTION pyreplica.skip_event(text, bigint) IS
+    'pyreplica: record that a slave is to skip one pending event (pyreplica skip-event)';
+
+-- ---------------------------------------------------------------------------------------------
+-- Upgrade of an install in schema public (pyreplica 1, or the original PyReplica's replica_log,
+-- owned by a superuser: checked above): the log's rows and the registry move over, the capture
+-- triggers are re-created on the new function, the old objects go.
+-- ---------------------------------------------------------------------------------------------
+DO $upgrade$
+DECLARE
+    rel  regclass;
+    t    record;
+    f    regprocedure;
+BEGIN
+    IF (SELECT relkind FROM pg_class WHERE oid = to_regclass('public.replica_log')) IS DISTINCT FROM 'r' THEN
+        RETURN;
+    END IF;
+    INSERT INTO pyreplica.replica_log (id, sql, username, ts, txid, relname, op)
+    SELECT (j->>'id')::bigint, j->>'sql', coalesce(j->>'username', 'unknown'),
+           coalesce((j->>'ts')::timestamptz, now()),
+           coalesce((j->>'txid')::xid8, '1'::xid8),   -- no txid: committed long ago, older than any slave
+           j->>'relname', coalesce(j->>'op', 'S')::"char"
+      FROM (SELECT to_jsonb(o) AS j FROM public.replica_log o) old;
+    PERFORM setval('pyreplica.replica_log_id_seq',
+                   greatest((SELECT max(id) FROM pyreplica.replica_log), 1),
+                   (SELECT max(id) FROM pyreplica.replica_log) IS NOT NULL);
+    IF to_regclass('public.replica_slaves') IS NOT NULL THEN
+        INSERT INTO pyreplica.replica_slaves (name, confirmed, batch_id, applied, confirmed_at, last_contact, registered_at)
+        SELECT name, confirmed, batch_id, applied, confirmed_at, last_contact, registered_at FROM public.replica_slaves
+        ON CONFLICT (name) DO NOTHING;
+        IF FOUND THEN   -- slaves were registered, so the old log may have been pruned
+            INSERT INTO pyreplica.log_pruned (horizon)
+            SELECT coalesce(min(txid), pg_current_xact_id()) FROM pyreplica.replica_log ON CONFLICT DO NOTHING;
+        END IF;
+    END IF;
+    IF to_regprocedure('public.py_log_replica()') IS NOT NULL THEN
+        FOR rel IN SELECT DISTINCT tgrelid::regclass FROM pg_trigger
+                    WHERE tgfoid = 'public.py_log_replica()'::regprocedure LOOP
+            FOR t IN SELECT tgname FROM pg_trigger
+                      WHERE tgrelid = rel AND tgfoid = 'public.py_log_replica()'::regprocedure LOOP
+                EXECUTE format('DROP TRIGGER %I ON %s', t.tgname, rel);
+            END LOOP;
+            PERFORM pyreplica.py_log_add_triggers(rel);
+        END LOOP;
+    END IF;
+    DROP EVENT TRIGGER IF EXISTS py_log_replica_ddl;
+    FOR f IN SELECT p.oid::regprocedure FROM pg_proc p
+              WHERE p.pronamespace = 'public'::regnamespace
+                AND p.proname IN ('py_log_replica', 'py_log_replica_ddl', 'py_log_capture_sql', 'py_log_signature',
+                                  'py_log_resolve', 'py_log_is_own_table', 'py_log_members', 'py_log_add_triggers',
+                                  'py_log_create_tg', 'py_log_drop_triggers', 'py_log_drop_tg', 'py_log_sql',
+                                  'replica_register_slave', 'replica_confirm', 'replica_prune', 'replica_drop_slave') LOOP
+        EXECUTE format('DROP FUNCTION %s CASCADE', f);   -- CASCADE: the old triggers
+    END LOOP;
+    DROP TABLE public.replica_log;
+    DROP TABLE IF EXISTS public.replica_slaves;
+    DROP SEQUENCE IF EXISTS public.replica_log_id_seq;
+END
+$upgrade$;
+
+-- (Re)created only when missing or different, so that running this script again changes nothing.
+DO $evt$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_event_trigger
+                    WHERE evtname = 'py_log_replica_ddl' AND evtevent = 'ddl_command_end'
+                      AND evtfoid = 'pyreplica.py_log_replica_ddl()'::regprocedure
+                      AND evttags = ARRAY['ALTER TABLE', 'CREATE TABLE']) THEN
+        DROP EVENT TRIGGER IF EXISTS py_log_replica_ddl;
+        CREATE EVENT TRIGGER py_log_replica_ddl ON ddl_command_end
+            WHEN TAG IN ('ALTER TABLE', 'CREATE TABLE')
+            EXECUTE FUNCTION pyreplica.py_log_replica_ddl();
+    END IF;
+END
+$evt$;
+
+-- ---------------------------------------------------------------------------------------------
+-- The install guide's names, in schema public: thin entry points, each an exact (text) match
+-- that calls the real function by its qualified name, and the log as a view.
+-- ---------------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION public.py_log_create_tg(tablename text)
+RETURNS SETOF text LANGUAGE sql
+AS $fn$ SELECT pyreplica.py_log_create_tg(tablename) $fn$;
+COMMENT ON FUNCTION public.py_log_create_tg(text) IS 'pyreplica: entry point of pyreplica.py_log_create_tg';
+
+CREATE OR REPLACE FUNCTION public.py_log_drop_tg(tablename text)
+RETURNS text LANGUAGE sql
+AS $fn$ SELECT pyreplica.py_log_drop_tg(tablename) $fn$;
+COMMENT ON FUNCTION public.py_log_drop_tg(text) IS 'pyreplica: entry point of pyreplica.py_log_drop_tg';
+
+CREATE OR REPLACE FUNCTION public.py_log_sql(statement text)
+RETURNS bigint LANGUAGE sql
+AS $fn$ SELECT pyreplica.py_log_sql(statement) $fn$;
+COMMENT ON FUNCTION public.py_log_sql(text) IS 'pyreplica: entry point of pyreplica.py_log_sql';
+
+DO $view$
+BEGIN
+    IF to_regclass('public.replica_log') IS NULL THEN
+        CREATE VIEW public.replica_log AS SELECT * FROM pyreplica.replica_log;
+        COMMENT ON VIEW public.replica_log IS 'pyreplica: the log (pyreplica.replica_log), as the install guide reads it';
+        REVOKE ALL ON public.replica_log FROM PUBLIC;
+    END IF;
+END
+$view$;
+
+-- Only superusers (and roles the administrator grants them to) manage replication; the daemon's
+-- role may call its API. Every pyreplica function is found by its comment, none is forgotten.
+DO $grants$
+DECLARE
+    f regprocedure;
+BEGIN
+    FOR f IN SELECT p.oid::regprocedure FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+              WHERE n.nspname IN ('pyreplica', 'public') AND obj_description(p.oid, 'pg_proc') LIKE 'pyreplica:%' LOOP
+        EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);
+    END LOOP;
+    GRANT EXECUTE ON FUNCTION pyreplica.captured_tables(), pyreplica.py_log_is_captured(regclass),
+        pyreplica.unapplied(pg_snapshot),
+        pyreplica.register_slave(text, pg_snapshot, text, text), pyreplica.log_start(),
+        pyreplica.claim_slave(text, text, text), pyreplica.confirm(text, pg_snapshot, bigint, bigint),
+        pyreplica.rewind_slave(text, pg_snapshot, bigint),
+        pyreplica.batch_end(pg_snapshot, pg_snapshot, bigint), pyreplica.snapshot_covers(pg_snapshot, pg_snapshot),
+        pyreplica.touch(text), pyreplica.prune(int), pyreplica.drop_slave(text),
+        pyreplica.skip_event(text, bigint)
+        TO pyreplica_daemon;
+END
+$grants$;
+
+COMMIT;
