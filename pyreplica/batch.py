@@ -58,7 +58,8 @@ class Batch:
             with sides.reader.cursor() as cur:
                 # first statement of the REPEATABLE READ transaction: the event query reads with
                 # this very snapshot, which contains any tick chosen as the end
-                current, batch.end_snapshot, batch.sequences = master.batch_start(cur, start_snapshot, max_events)
+                current, batch.end_snapshot, batch.sequences = master.batch_start(cur, start_snapshot,
+                                                                                  max_events)
                 batch.more = batch.end_snapshot != current
         except BaseException:
             abandon(sides)

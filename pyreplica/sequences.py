@@ -2,9 +2,10 @@
 
 nextval writes no log row and a sequence ignores rollbacks, so sequences cannot travel in the log.
 Each batch reads the master's values (pyreplica.sequence_values(), in the statement that takes the
-batch's snapshot and after it, so they are at least the values at that snapshot) and moves every slave sequence that is behind up to
-them; never backwards. setval is not transactional either: a batch that rolls back may leave a
-slave sequence ahead of its rows, which is harmless (a sequence only has to stay ahead of the rows).
+batch's snapshot and after it, so they are at least the values at that snapshot) and moves every
+slave sequence that is behind up to them; never backwards. setval is not transactional either: a
+batch that rolls back may leave a slave sequence ahead of its rows, which is harmless (a sequence
+only has to stay ahead of the rows).
 """
 from psycopg2 import sql
 
@@ -25,8 +26,9 @@ ADVANCE = "SELECT pg_catalog.setval(%s::regclass, %s)"
 
 
 def catch_up(slave_cur, values, known):
-    """Bring the slave's sequences up to `values` (read by master.batch_start). `known` is what an earlier batch
-    of this daemon already set: unchanged sequences cost nothing. Returns the sequences moved."""
+    """Bring the slave's sequences up to `values` (read by master.batch_start). `known` is what an
+    earlier batch of this daemon already set: unchanged sequences cost nothing. Returns the
+    sequences moved."""
     changed = {name: value for name, value in values.items() if known.get(name) != value}
     if not changed:
         return []
