@@ -10,7 +10,7 @@ CHANNEL = "replicas"                    # the capture trigger's NOTIFY channel
 SEARCH_PATH = "pg_catalog, pg_temp"     # pinned in every master session the daemon opens
 
 # the newest function of master-install.sql: an older install of this layout must be re-run
-INSTALLED = "SELECT to_regprocedure('pyreplica.batch_end(pg_snapshot, pg_snapshot, bigint)') IS NOT NULL"
+INSTALLED = "SELECT to_regprocedure('pyreplica.sequence_values()') IS NOT NULL"
 ANY_INSTALL = "SELECT to_regprocedure('pyreplica.unapplied(pg_snapshot)') IS NOT NULL"
 OLD_INSTALL = "SELECT to_regprocedure('public.replica_confirm(text,pg_snapshot,bigint,bigint)') IS NOT NULL"
 CAPTURED_TABLES = """

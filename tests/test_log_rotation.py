@@ -7,7 +7,7 @@ import threading
 import psycopg2
 
 import pyreplica
-from replication import Daemon, create_on_both, wait_identical, wait_until
+from replication import Daemon, create_on_both, run_cli, wait_identical, wait_until
 
 BLOCK = 100_000
 PARTS = [f"pyreplica.replica_log_{p}" for p in range(3)]
@@ -149,6 +149,9 @@ def test_upgrade_from_the_unpartitioned_log_keeps_every_event(master_cluster, sl
         master.execute("INSERT INTO t (v) SELECT 'before' FROM generate_series(1, 250)")
         master.execute("UPDATE t SET v = 'updated before' WHERE id % 5 = 0")
         logged = master.execute("SELECT id, sql FROM pyreplica.replica_log ORDER BY id")
+        code, _, err = run_cli("status", master.dsn)
+        assert code == 1 and (f"the master database {master.name} has an older pyreplica install: run "
+                              f"`psql {master.name} -f master-install.sql` on it as a superuser to upgrade it") in err
         master.install_master()
         assert master.scalar("SELECT relkind FROM pg_class WHERE oid = 'pyreplica.replica_log'::regclass") == "p"
         assert master.execute("SELECT id, sql FROM pyreplica.replica_log ORDER BY id") == logged
