@@ -199,3 +199,23 @@ def test_a_column_added_through_py_log_sql_while_the_daemon_was_down_does_not_st
     with Daemon(master, slave, name="dd") as daemon:
         wait_identical(master, slave, ["t"])
         assert "lacks column(s) note" in daemon.output      # said, and replay went on
+
+
+# -- py_log_sql_only: logged for the slaves, not run on the master --------------------------------------
+def test_py_log_sql_only_runs_on_the_slave_only_in_its_place(master, slave):
+    create_on_both(master, slave, "CREATE TABLE s (id int PRIMARY KEY, v text)", ["s"])
+    master.execute("INSERT INTO s VALUES (1, 'before')")
+    master.execute("SELECT py_log_sql_only('CREATE INDEX s_v_idx ON public.s (v)')")
+    master.execute("SELECT py_log_sql_only('UPDATE public.s SET v = ''slave only'' WHERE id = 1')")
+    master.execute("INSERT INTO s VALUES (2, 'after')")
+    assert master.scalar("SELECT to_regclass('public.s_v_idx')") is None     # not run here
+    with Daemon(master, slave, name="o1"):
+        wait_until(lambda: slave.scalar("SELECT count(*) FROM s") == 2, message="replay")
+    assert slave.scalar("SELECT to_regclass('public.s_v_idx')::text") == "s_v_idx"
+    assert slave.execute("SELECT id, v FROM s ORDER BY id") == [(1, "slave only"), (2, "after")]
+    master.execute("CREATE ROLE sql_only_app")
+    try:
+        with pytest.raises(psycopg2.Error, match="permission denied for function py_log_sql_only"):
+            master.execute("SET ROLE sql_only_app; SELECT py_log_sql_only('SELECT 1')")
+    finally:
+        master.execute("DROP ROLE sql_only_app")

@@ -62,7 +62,8 @@ BEGIN
          WHERE NOT r.rolsuper
            AND (n.nspname = 'pyreplica'
                 OR (n.nspname = 'public' AND p.proname IN ('py_log_create_tg', 'py_log_drop_tg', 'py_log_sql',
-                                                                'py_log_create_seq', 'py_log_drop_seq')))
+                                                                'py_log_create_seq', 'py_log_drop_seq',
+                                                                'py_log_sql_only')))
         UNION ALL
         SELECT format('type %s (owner %s)', t.oid::regtype, t.typowner::regrole)
           FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace JOIN pg_roles r ON r.oid = t.typowner
@@ -741,6 +742,27 @@ END
 $fn$;
 COMMENT ON FUNCTION pyreplica.py_log_sql(text) IS
     'pyreplica: run an administrator''s SQL (e.g. ALTER TABLE) here and log it for every slave; returns its log id';
+
+-- The same, logged only, not run here: for a change that must differ on the master (an index only
+-- the slaves need, a statement the master already had). The slaves run it in its place in the stream.
+CREATE OR REPLACE FUNCTION pyreplica.py_log_sql_only(statement text)
+RETURNS bigint
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    logged bigint;
+BEGIN
+    INSERT INTO pyreplica.replica_log (txid, relname, op, sql)
+    VALUES (pg_catalog.pg_current_xact_id(), NULL, 'S', statement)
+    RETURNING id INTO logged;
+    IF coalesce(pg_catalog.current_setting('pyreplica.notify', true), '') OPERATOR(pg_catalog.<>) 'off' THEN
+        PERFORM pg_catalog.pg_notify('replicas', '');
+    END IF;
+    RETURN logged;
+END
+$fn$;
+COMMENT ON FUNCTION pyreplica.py_log_sql_only(text) IS
+    'pyreplica: log an administrator''s statement for the slaves without running it here';
 
 -- ---------------------------------------------------------------------------------------------
 -- What the daemon, clone, status and compare ask (one function per question) and the registry's
@@ -1445,6 +1467,11 @@ CREATE OR REPLACE FUNCTION public.py_log_sql(statement text)
 RETURNS bigint LANGUAGE sql
 AS $fn$ SELECT pyreplica.py_log_sql(statement) $fn$;
 COMMENT ON FUNCTION public.py_log_sql(text) IS 'pyreplica: entry point of pyreplica.py_log_sql';
+
+CREATE OR REPLACE FUNCTION public.py_log_sql_only(statement text)
+RETURNS bigint LANGUAGE sql
+AS $fn$ SELECT pyreplica.py_log_sql_only(statement) $fn$;
+COMMENT ON FUNCTION public.py_log_sql_only(text) IS 'pyreplica: entry point of pyreplica.py_log_sql_only';
 
 CREATE OR REPLACE FUNCTION public.py_log_create_seq(seqname text)
 RETURNS text LANGUAGE sql
