@@ -12,9 +12,11 @@ from psycopg2 import sql
 from . import master
 from .apply import ApplyError
 
-# The slave's sequences that are missing or behind; "behind" follows the sequence's direction.
-SLAVE_BEHIND = """
-SELECT f.name, f.value, s.oid IS NULL AS missing
+# Moves every slave sequence that is behind ("behind" in the sequence's own direction) up to the
+# master's value and returns those, and the missing ones: one round trip per batch at most.
+ADVANCE_BEHIND = """
+SELECT f.name, s.oid IS NULL AS missing,
+       CASE WHEN s.oid IS NOT NULL THEN pg_catalog.setval(s.oid::regclass, f.value) END
   FROM unnest(%s::text[], %s::bigint[]) AS f(name, value)
   LEFT JOIN pg_catalog.pg_class s ON s.oid = pg_catalog.to_regclass(f.name) AND s.relkind = 'S'
   LEFT JOIN pg_catalog.pg_sequence q ON q.seqrelid = s.oid
@@ -22,7 +24,6 @@ SELECT f.name, f.value, s.oid IS NULL AS missing
     OR pg_catalog.pg_sequence_last_value(s.oid) IS NULL
     OR pg_catalog.sign(q.seqincrement) * (f.value - pg_catalog.pg_sequence_last_value(s.oid)) > 0
 """
-ADVANCE = "SELECT pg_catalog.setval(%s::regclass, %s)"
 
 
 def catch_up(slave_cur, values, known):
@@ -32,17 +33,15 @@ def catch_up(slave_cur, values, known):
     changed = {name: value for name, value in values.items() if known.get(name) != value}
     if not changed:
         return []
-    slave_cur.execute(SLAVE_BEHIND, (list(changed), list(changed.values())))
-    behind = slave_cur.fetchall()
-    missing = [name for name, _, gone in behind if gone]
+    slave_cur.execute(ADVANCE_BEHIND, (list(changed), list(changed.values())))
+    moved = slave_cur.fetchall()
+    missing = [name for name, gone, _ in moved if gone]
     if missing:
         raise ApplyError(f"sequence {', '.join(missing)} of the master is missing on the slave: create it "
                          f"there (it must follow the master's), or, for a sequence named with "
                          f"py_log_create_seq, stop following it on the master with py_log_drop_seq")
-    for name, value, _ in behind:
-        slave_cur.execute(ADVANCE, (name, value))
     known.update(changed)
-    return [name for name, _, _ in behind]
+    return [name for name, _, _ in moved]
 
 
 # -- compare ------------------------------------------------------------------------------------
