@@ -25,7 +25,7 @@ SET xmloption = content;
 """
 
 # slave-install.sql stamps this on pyreplica.apply_events; bump both together when the script changes.
-SLAVE_SCHEMA_VERSION = "pyreplica slave schema 3"
+SLAVE_SCHEMA_VERSION = "pyreplica slave schema 4"
 APPLY_EVENTS_SIGNATURE = "pyreplica.apply_events(bigint[], text[], text[], text[], integer[])"
 SLAVE_SCHEMA_CURRENT = """
 SELECT to_regclass('pyreplica.position') IS NOT NULL
@@ -121,6 +121,13 @@ ALONE_CANDIDATES = (f"SELECT * FROM ({master.BATCH_EVENTS}) e "
 
 PENDING_SKIPS = """
 SELECT event_id, txid::text FROM pyreplica.skip_requests WHERE slave = %s AND skipped_at IS NULL
+"""
+# The batch's first slave statement: skip-event's pending requests, and the tables this slave does not
+# take from the stream now (table_states), locked FOR SHARE until the batch ends (docs/design.md §13).
+BATCH_SLAVE_STATE = """
+SELECT ARRAY(SELECT ARRAY[event_id::text, txid::text] FROM pyreplica.skip_requests
+              WHERE slave = %(slave)s AND skipped_at IS NULL),
+       ARRAY(SELECT relname FROM pyreplica.table_states WHERE slave = %(slave)s FOR SHARE)
 """
 MARK_SKIPPED = """
 UPDATE pyreplica.skip_requests SET skipped_at = now(), batch_id = %s
@@ -253,6 +260,21 @@ def pending_skips(slave_cur, slave):
     """{event id: its transaction} that skip-event told this slave to skip and no batch has yet."""
     slave_cur.execute(PENDING_SKIPS, (slave,))
     return dict(slave_cur.fetchall())
+
+
+def batch_state(slave_cur, slave):
+    """({event id: transaction} skip-event named, {relname} of the tables held out of the stream), read
+    in the batch's transaction: the held tables' rows stay locked FOR SHARE until it ends."""
+    slave_cur.execute(BATCH_SLAVE_STATE, {"slave": slave})
+    pairs, held = slave_cur.fetchone()
+    return {int(event_id): txid for event_id, txid in pairs}, frozenset(held)
+
+
+def leave_out_held(events, held):
+    """The events of tables add-table is copying or catching up, or remove-table removed, left out."""
+    if not held:
+        return events
+    return [event for event in events if event.relname not in held]
 
 
 def describe(event):

@@ -74,7 +74,8 @@ class Batch:
 
         First, in their own committed transactions, the administrator's statements that must not
         share the batch's (apply.run_alone, docs/design.md §6). Events skip-event named are left
-        out and marked skipped in the batch's transaction (self.skipped, for the caller's mail).
+        out and marked skipped in the batch's transaction (self.skipped, for the caller's mail), and
+        so are those of the tables add-table or remove-table hold out of the stream (§13).
         Last, when it applied any event, the slave's sequences are brought up to the master's values
         read at begin (sequences.catch_up)."""
         self.skipped = []
@@ -83,13 +84,14 @@ class Batch:
                                lambda rows: pipeline([Event(*row) for row in rows]), settings.SKIP_USER)
             sides.slave.tpc_begin(self.gid("slave"))
             with sides.slave.cursor() as cur:
-                skips = apply.pending_skips(cur, self.slave)
+                skips, held = apply.batch_state(cur, self.slave)
                 events = stream_events(sides.reader, self, settings.SKIP_USER, settings.BATCH_EVENTS,
                                        settings.BATCH_BYTES)
                 with ReadAhead(events) as chunks:
                     for chunk in chunks:
                         if stopping():
                             raise Stopping()
+                        chunk = apply.leave_out_held(chunk, held)
                         chunk, skipped = apply.take_skips(cur, chunk, skips, self.batch_id, self.slave)
                         self.skipped += skipped
                         chunk = pipeline(chunk)

@@ -64,6 +64,17 @@ def build_parser():
     repair.add_argument("--wait", type=float, default=30.0, metavar="SECONDS",
                         help="how long to wait for the slave to catch up on that table (default 30)")
 
+    for name, text in (("add-table", "copy tables into a running slave and replicate them from then on, online"),
+                       ("remove-table", "stop replicating tables to one slave (its copies are kept)")):
+        cmd = sub.add_parser(name, help=text, usage=f"pyreplica {name} [-c CONF | MASTER SLAVE] TABLE... [options]")
+        cmd.add_argument("operands", nargs="+", metavar="TABLE",
+                         help="the connection strings (or -c CONF, or DSN0/DSN1), then the tables: name or schema.name")
+        cmd.add_argument("-c", "--config", metavar="CONF", help="config file, e.g. /etc/pyreplica/somedb.conf")
+        cmd.add_argument("--name", help="this slave's name on the master (as for `run`)")
+    sub.choices["add-table"].add_argument("--wait", type=float, default=300.0, metavar="SECONDS",
+                                          help="how long to wait for the slave's daemon to reach the copy's point "
+                                               "(default 300)")
+
     sub.add_parser("demo", help="two throw-away clusters: install, write, replicate, status, compare")
 
     from .daemon import add_arguments as add_service_arguments
@@ -162,6 +173,34 @@ def cmd_repair(args):
                   wait=args.wait)
 
 
+def tables_and_config(args):
+    """add-table/remove-table: [MASTER SLAVE] TABLE...; the connection strings are the operands that
+    look like one (key=value or a URI), else -c CONF or DSN0/DSN1 give them."""
+    operands = list(args.operands)
+    dsns = []
+    while operands and len(dsns) < 2 and ("=" in operands[0] or "://" in operands[0]):
+        dsns.append(operands.pop(0))
+    if len(dsns) == 1:
+        raise ConfigError("give both connection strings, the master's and the slave's, before the tables")
+    if not operands:
+        raise ConfigError("name at least one TABLE after the connection strings")
+    args.master, args.slave = dsns or (None, None)
+    config = load_config(args)
+    return config, configuration.slave_name(config, args.name), operands
+
+
+def cmd_add_table(args):
+    from .tables import add_table
+    config, name, tables = tables_and_config(args)
+    log.setup(config.NAME or name, config.DEBUG_LEVEL)
+    return add_table(config, name, tables, wait=args.wait)
+
+
+def cmd_remove_table(args):
+    from .tables import remove_table
+    return remove_table(*tables_and_config(args))
+
+
 def cmd_demo(args):
     from .demo import demo
     return demo()
@@ -174,7 +213,8 @@ def cmd_service(args):
 
 COMMANDS = {"run": cmd_run, "clone": cmd_clone, "drop-slave": cmd_drop_slave, "register": cmd_register,
             "recover": cmd_recover, "skip-event": cmd_skip_event, "status": cmd_status,
-            "compare": cmd_compare, "repair": cmd_repair, "demo": cmd_demo, "service": cmd_service}
+            "compare": cmd_compare, "repair": cmd_repair, "add-table": cmd_add_table,
+            "remove-table": cmd_remove_table, "demo": cmd_demo, "service": cmd_service}
 
 
 def main(argv=None):

@@ -120,7 +120,7 @@ def clone(config, name):
             listing = os.path.join(tmp, "restore.list")
             write_restore_list(dump, listing, tables)
             logger.info("Restoring into the slave (one transaction)")
-            restore(dump, listing, client_dsn(config.DSN1, tmp, "slave"), name, snapshot)
+            restore(dump, listing, client_dsn(config.DSN1, tmp, "slave"), slave_epilogue(name, snapshot))
         conn.autocommit = True
         with conn.cursor() as cur:
             master.confirm(cur, name, snapshot, 0, 0)
@@ -189,19 +189,25 @@ def write_restore_list(dump, listing, tables):
         f.write("\n".join(kept) + "\n")
 
 
-def restore(dump, listing, slave_dsn, name, snapshot):
+def slave_epilogue(name, snapshot):
+    """What the restore's transaction ends with: the slave's schema and its position."""
     from psycopg2.extensions import QuotedString
     with open(os.path.join(os.path.dirname(apply.__file__), "sql", "slave-install.sql")) as f:
         slave_schema = f.read()
     position = POSITION.format(slave=QuotedString(name).getquoted().decode(),
                                snapshot=QuotedString(snapshot).getquoted().decode())
+    return slave_schema + "\n" + position
+
+
+def restore(dump, listing, slave_dsn, epilogue=""):
+    """pg_restore's script for the listed entries, then `epilogue`, in one psql transaction."""
     script = subprocess.Popen([tool("pg_restore"), "-L", listing, "-f", "-", dump],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     psql = subprocess.Popen([tool("psql"), "-X", "-q", "-1", "-v", "ON_ERROR_STOP=1", "-d", slave_dsn],
                             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         shutil.copyfileobj(script.stdout, psql.stdin)
-        psql.stdin.write(slave_schema.encode() + b"\n" + position.encode())
+        psql.stdin.write(epilogue.encode())
         psql.stdin.close()
     except BrokenPipeError:
         script.kill()       # psql stopped at an error: its stderr says which

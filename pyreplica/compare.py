@@ -24,7 +24,7 @@ import psycopg2
 from psycopg2 import sql
 
 from . import apply, master, progress, sequences
-from .db import ReplicaError, abandon_and_close, connect, first_line
+from .db import ReplicaError, abandon_and_close, connect, fetch_one, first_line
 from .filters import Pipeline
 
 # Row text depends on these settings: both sides must print values the same way.
@@ -41,6 +41,12 @@ SLAVE_COLUMNS = """
 SELECT array_agg(a.attname::text) FROM pg_attribute a
  WHERE a.attrelid = to_regclass(format('%%I.%%I', %s::text, %s::text)) AND a.attnum > 0 AND NOT a.attisdropped
 """
+# Tables add-table or remove-table hold out of this slave's stream (docs/design.md §13): not compared.
+HELD_TABLES = "SELECT relname, state FROM pyreplica.table_states WHERE slave = %s"
+HAS_TABLE_STATES = "SELECT pg_catalog.to_regclass('pyreplica.table_states') IS NOT NULL"
+HELD_STATES = {"removed": "removed from this slave (remove-table)",
+               "copying": "being added (add-table is copying it)",
+               "catching_up": "being added (add-table is replaying its changes)"}
 HAS_POSITION_TABLE = "SELECT pg_catalog.to_regclass('pyreplica.position') IS NOT NULL"
 RETRY_EVERY = 0.2
 SHOW_DIFFERENCES = 5        # differing rows named per table
@@ -48,9 +54,10 @@ PROGRESS_EVERY = 5.0        # seconds between progress lines for a long table
 
 
 class Table:
-    def __init__(self, schema, name, columns, pk):
+    def __init__(self, schema, name, columns, pk, relname=None):
         self.schema, self.name, self.columns, self.pk = schema, name, columns, pk
         self.ident = sql.Identifier(schema, name)
+        self.relname = relname      # as the log names it (format('%I.%I'))
 
     @property
     def qualified(self):
@@ -85,7 +92,7 @@ class Table:
 def replicated_tables(conn, patterns):
     """The captured tables this slave takes; a partition is compared as part of its partitioned table."""
     pipeline = Pipeline(patterns)
-    tables = [Table(t.schema, t.name, t.columns, t.pk) for t in master.captured_tables(conn)
+    tables = [Table(t.schema, t.name, t.columns, t.pk, t.qualified) for t in master.captured_tables(conn)
               if not t.is_partition and pipeline.wants_table(t.qualified)]
     if not tables:
         raise ReplicaError("the master replicates no table" + (f" matching TABLES {', '.join(patterns)}"
@@ -232,7 +239,11 @@ def collect(config, name, wait):
         master_conn.rollback()
         master_snapshot, slave_snapshot, batch_id = one_point(master_conn, slave, name, wait)
         report = {"slave": name, "batch_id": batch_id, "master_snapshot": master_snapshot,
-                  "slave_snapshot": slave_snapshot, "tables": []}
+                  "slave_snapshot": slave_snapshot, "tables": [], "not_compared": []}
+        held = held_tables(slave, name)
+        report["not_compared"] = [{"table": t.qualified, "why": HELD_STATES[held[t.relname]]}
+                                  for t in tables if t.relname in held]
+        tables = [t for t in tables if t.relname not in held]
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             for i, table in enumerate(tables, 1):
                 report["tables"].append(compare_table(master_conn, slave, table, pool, f"{i} of {len(tables)}"))
@@ -243,6 +254,15 @@ def collect(config, name, wait):
         return report
     finally:
         abandon_and_close(master_conn, slave)
+
+
+def held_tables(slave, name):
+    """{relname: state} of the tables held out of this slave's stream (none before slave schema 4)."""
+    if not fetch_one(slave, HAS_TABLE_STATES):
+        return {}
+    with slave.cursor() as cur:
+        cur.execute(HELD_TABLES, (name,))
+        return dict(cur.fetchall())
 
 
 def format_table(report):
@@ -261,6 +281,7 @@ def format_table(report):
                      f"{', '.join(t['table'] for t in differing)}")
     else:
         lines.append(f"All {len(report['tables'])} table(s) identical")
+    lines += [f"  {t['table']}: not compared: {t['why']}" for t in report["not_compared"]]
     return "\n".join(lines + format_sequences(report["sequences"]))
 
 

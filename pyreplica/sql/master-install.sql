@@ -605,6 +605,9 @@ BEGIN
         RETURN NEXT format('table %s has a deferrable pk constraint (couldn''t be replicated)!', shown);
         RETURN;
     END IF;
+    -- CREATE TRIGGER's lock on the table and every partition, taken at once, parent first as a
+    -- writer takes them: one partition at a time, in any order, deadlocks with writers.
+    EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', r.rel);
     FOR member IN SELECT pyreplica.py_log_members(r.rel) LOOP
         IF member = r.rel THEN
             pkcols := pyreplica.py_log_add_triggers(member);
@@ -655,6 +658,8 @@ BEGIN
     IF r.problem IS NOT NULL THEN
         RETURN r.problem;
     END IF;
+    -- DROP TRIGGER's lock on the whole tree at once, parent first (see py_log_create_tg)
+    EXECUTE format('LOCK TABLE %s IN ACCESS EXCLUSIVE MODE', r.rel);
     SELECT sum(pyreplica.py_log_drop_triggers(m)) INTO n FROM pyreplica.py_log_members(r.rel) m;
     IF n = 0 THEN
         RETURN format('table %s had no replica trigger', pyreplica.py_log_display(r.rel));

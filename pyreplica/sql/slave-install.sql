@@ -35,6 +35,24 @@ CREATE TABLE IF NOT EXISTS pyreplica.skip_requests (
     PRIMARY KEY (slave, event_id)
 );
 
+-- Tables this slave does not take from the stream for now (docs/design.md §13), one row per table
+-- and per partition, named as the log names them. The daemon leaves their events out of every batch,
+-- reading these rows FOR SHARE in the batch's transaction, so add-table's final step (which takes them
+-- FOR UPDATE) is never concurrent with a batch that left events out.
+--   copying      add-table is copying the table: its rows come from the copy
+--   catching_up  copied at copy_snapshot; add-table itself replays its events up to caught_up, then
+--                deletes the row in the transaction that replays the last ones
+--   removed      remove-table: its events are left out until add-table copies it again
+CREATE TABLE IF NOT EXISTS pyreplica.table_states (
+    slave         text        NOT NULL,          -- this slave's name on the master
+    relname       text        NOT NULL,          -- "schema"."table", as the log names it
+    state         text        NOT NULL CHECK (state IN ('copying', 'catching_up', 'removed')),
+    copy_snapshot pg_snapshot,                   -- the master snapshot the copy was read at
+    caught_up     pg_snapshot,                   -- the table's events visible here are applied
+    changed_at    timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (slave, relname)
+);
+
 -- Apply a chunk of statements in one round trip, checking each: an INSERT, UPDATE or DELETE must
 -- touch exactly rows[i] rows (1 for one event; k for k merged events), else it is a conflict,
 -- SQLSTATE PR001 (apply.py's ROW_COUNT_CONFLICT). A failure is returned as data, not raised: the
@@ -79,4 +97,4 @@ $fn$;
 
 -- apply.install() runs this script only when this marker (apply.py's SLAVE_SCHEMA_VERSION) is
 -- missing: a role without CREATE can replicate once the schema is current.
-COMMENT ON FUNCTION pyreplica.apply_events(bigint[], text[], text[], text[], int[]) IS 'pyreplica slave schema 3';
+COMMENT ON FUNCTION pyreplica.apply_events(bigint[], text[], text[], text[], int[]) IS 'pyreplica slave schema 4';

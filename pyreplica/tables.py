@@ -1,0 +1,445 @@
+"""`pyreplica add-table` and `remove-table` (docs/design.md §13): a table joins or leaves one running
+slave's stream while every other table keeps replicating.
+
+add-table, for the tables named (Londiste's copy, in steps that can each be run again):
+1. hold   the slave's table_states rows say `copying`: from its next batch the daemon leaves the
+          tables' events out (it reads those rows FOR SHARE in every batch);
+2. capture the master captures the tables (py_log_create_tg) unless it does already;
+3. create the slave's tables are created from the master's definition when missing (pg_dump -s);
+4. copy   a pin (a registration named SLAVE+add-table) keeps the master's log from being pruned
+          past what the next steps read; one REPEATABLE READ master transaction at snapshot S
+          streams the rows (COPY) into one slave transaction, which also writes `catching_up`,
+          S: the copy and its point commit together;
+5. catch up the tables' events the daemon left out since S (visible at its position P, not at S)
+          are replayed by add-table itself, in rounds, each committed with its new point;
+6. join   once few are left: the rows are taken FOR UPDATE (no batch can be leaving events out
+          any more), P read again, the last events replayed and the rows deleted in one
+          transaction: the daemon's next batch, which starts at P, applies every later event.
+          The pin is dropped.
+An interruption anywhere leaves the tables held (the daemon skips their events, nothing is lost on
+the master: the pin holds the log) and a re-run starts again at the copy.
+
+remove-table marks the tables `removed`: their events are left out until add-table copies them again.
+"""
+import contextlib
+import os
+import subprocess
+import tempfile
+import threading
+import time
+
+import psycopg2
+from psycopg2 import sql
+
+from . import apply, clone, compare, faults, log, master, progress
+from .batch import Event
+from .db import ReplicaError, abandon_and_close, close_quietly, connect, fetch_one
+from .filters import Pipeline
+
+PIN_SUFFIX = "+add-table"       # the registration that holds the master's log while tables join
+JOIN_AT = 1000                  # events left to replay when the join (under lock) is attempted
+CHUNK = 2000                    # events replayed per statement batch
+LOCK_TRY = "1s"
+RETRY_EVERY = 0.2
+
+RESOLVE = "SELECT rel::oid, problem FROM pyreplica.py_log_resolve(%s::text)"
+DESCRIBE = """
+SELECT pg_catalog.format('%%I.%%I', n.nspname, c.relname), n.nspname::text, c.relname::text,
+       c.relispartition, pyreplica.py_log_is_captured(c.oid),
+       EXISTS (SELECT FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid AND i.indisprimary),
+       greatest(c.reltuples, 0)::bigint,
+       ARRAY(SELECT pg_catalog.format('%%I.%%I', mn.nspname, m.relname)
+               FROM pyreplica.py_log_members(c.oid) p
+               JOIN pg_catalog.pg_class m ON m.oid = p JOIN pg_catalog.pg_namespace mn ON mn.oid = m.relnamespace)
+  FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+ WHERE c.oid = %s
+"""
+CAPTURE = "SELECT pyreplica.py_log_create_tg(%s::text)"
+COVERS = "SELECT pyreplica.snapshot_covers(%s::pg_snapshot, %s::pg_snapshot)"
+# The held tables' events a slave at %(start)s has left out, up to its position %(end)s.
+LEFT_OUT = f"SELECT * FROM ({master.BATCH_EVENTS}) e WHERE e.relname = ANY(%(tables)s)"
+LEFT_OUT_COUNT = f"SELECT count(*) FROM ({LEFT_OUT}) e"
+
+STATES = "SELECT relname, state FROM pyreplica.table_states WHERE slave = %s AND relname = ANY(%s)"
+HOLD = """
+INSERT INTO pyreplica.table_states AS t (slave, relname, state)
+SELECT %(slave)s, r, %(state)s FROM unnest(%(tables)s::text[]) r
+ON CONFLICT (slave, relname) DO UPDATE
+   SET state = EXCLUDED.state, copy_snapshot = NULL, caught_up = NULL, changed_at = now()
+"""
+COPIED = """
+UPDATE pyreplica.table_states SET state = 'catching_up', copy_snapshot = %(at)s::pg_snapshot,
+       caught_up = %(at)s::pg_snapshot, changed_at = now()
+ WHERE slave = %(slave)s AND relname = ANY(%(tables)s)
+"""
+CAUGHT_UP = """
+UPDATE pyreplica.table_states SET caught_up = %(at)s::pg_snapshot, changed_at = now()
+ WHERE slave = %(slave)s AND relname = ANY(%(tables)s)
+"""
+READ_CAUGHT_UP = """
+SELECT caught_up::text FROM pyreplica.table_states
+ WHERE slave = %s AND relname = ANY(%s) AND state = 'catching_up'
+"""
+TAKE_FOR_JOIN = """
+SELECT caught_up::text FROM pyreplica.table_states
+ WHERE slave = %s AND relname = ANY(%s) AND state = 'catching_up' FOR UPDATE
+"""
+JOINED = "DELETE FROM pyreplica.table_states WHERE slave = %s AND relname = ANY(%s)"
+SLAVE_TABLE_EXISTS = "SELECT pg_catalog.to_regclass(%s) IS NOT NULL"
+
+
+class Wanted:
+    """One table named on the command line, as the master describes it."""
+
+    def __init__(self, qualified, schema, name, is_partition, captured, has_pk, estimate, members):
+        self.qualified, self.schema, self.name = qualified, schema, name
+        self.is_partition, self.captured, self.has_pk = is_partition, captured, has_pk
+        self.estimate, self.members = estimate, members     # members: it and its partitions
+        self.ident = sql.Identifier(schema, name)
+
+
+# -- what is asked ----------------------------------------------------------------------------------
+def describe_tables(conn, names, pipeline):
+    """The tables named, each checked: exists on the master, one table, a primary key, not a
+    partition, taken by this slave's TABLES."""
+    found = []
+    for name in names:
+        rel, problem = fetch_row(conn, RESOLVE, (name,))
+        if problem:
+            raise ReplicaError(f"{problem}", "master")
+        table = Wanted(*fetch_row(conn, DESCRIBE, (rel,)))
+        if table.is_partition:
+            raise ReplicaError(f"table {table.qualified} is a partition: name the partitioned table it belongs to",
+                               "master")
+        if not table.has_pk:
+            raise ReplicaError(f"table {table.qualified} has no primary key: pyreplica replays rows by primary "
+                               f"key (ALTER TABLE ... ADD PRIMARY KEY first)", "master")
+        if not pipeline.wants_table(table.qualified):
+            raise ReplicaError(f"table {table.qualified} is not in this slave's TABLES: add it to the config "
+                               f"first", "master")
+        found.append(table)
+    return found
+
+
+def fetch_row(conn, query, args):
+    with conn.cursor() as cur:
+        cur.execute(query, args)
+        return cur.fetchone()
+
+
+def slave_states(slave, name, relnames):
+    with slave.cursor() as cur:
+        cur.execute(STATES, (name, relnames))
+        return dict(cur.fetchall())
+
+
+def refuse_replicated(slave, name, tables):
+    """A table the slave already takes from the stream is not copied over itself (repair is for that)."""
+    states = slave_states(slave, name, [t.qualified for t in tables])
+    for table in tables:
+        if table.captured and table.qualified not in states and slave_has(slave, table):
+            raise ReplicaError(f"table {table.qualified} is already replicated to slave {name}: to make it equal "
+                               f"to the master's, use `pyreplica repair`; to copy it again, `pyreplica "
+                               f"remove-table` it first", "slave")
+
+
+def slave_has(slave, table):
+    return fetch_one(slave, SLAVE_TABLE_EXISTS, (table.qualified,))
+
+
+# -- the steps --------------------------------------------------------------------------------------
+def hold(slave, name, tables, state):
+    with slave.cursor() as cur:
+        cur.execute(HOLD, {"slave": name, "state": state,
+                           "tables": [m for t in tables for m in t.members]})
+    slave.commit()
+
+
+def capture(master_admin, tables):
+    for table in tables:
+        if table.captured:
+            continue
+        answer = fetch_one(master_admin, CAPTURE, (table.qualified,))
+        log.get().info("%s", answer)
+        table.captured = True
+
+
+def create_missing(config, slave, tables):
+    """Create on the slave, from the master's definition (pg_dump -s), the tables it lacks."""
+    missing = [t for t in tables if not slave_has(slave, t)]
+    slave.rollback()
+    if not missing:
+        return
+    log.get().info("Creating %s on the slave", ", ".join(t.qualified for t in missing))
+    with tempfile.TemporaryDirectory(prefix="pyreplica-add-table-") as tmp:
+        dump, listing = os.path.join(tmp, "schema.dump"), os.path.join(tmp, "restore.list")
+        selected = [arg for t in missing for m in t.members for arg in ("-t", dump_pattern(m))]
+        clone.run_tool([clone.tool("pg_dump"), "-Fc", "--schema-only", "--no-owner", "--no-privileges",
+                        *selected, "-f", dump, "-d", clone.client_dsn(config.DSN0, tmp, "master")],
+                       "pg_dump of the tables' definition on the master")
+        clone.write_restore_list(dump, listing, [])
+        clone.restore(dump, listing, clone.client_dsn(config.DSN1, tmp, "slave"))
+
+
+def dump_pattern(qualified):
+    """pg_dump -t takes a pattern: every name part double-quoted, so nothing in it is a wildcard."""
+    schema, name = (part.strip('"').replace('""', '"') for part in split_qualified(qualified))
+    return '"{}"."{}"'.format(schema.replace('"', '""'), name.replace('"', '""'))
+
+
+def split_qualified(qualified):
+    """The two parts of format('%I.%I'): the dot between them is the one outside double quotes."""
+    quoted = False
+    for i, char in enumerate(qualified):
+        if char == '"':
+            quoted = not quoted
+        elif char == "." and not quoted:
+            return qualified[:i], qualified[i + 1:]
+    raise ValueError(qualified)
+
+
+def check_columns(slave, captured):
+    for table in captured:
+        problem = compare.slave_problem(slave, compare.Table(table.schema, table.name, table.columns, table.pk))
+        if problem:
+            raise ReplicaError(f"cannot add {table.qualified}: {problem} (make the slave's table the master's "
+                               f"first)", "slave")
+    slave.rollback()
+
+
+def pin(master_admin, name):
+    """Register the pin now (its snapshot is before the copy's): pruning keeps every event after it."""
+    pin_name = name + PIN_SUFFIX
+    with contextlib.suppress(psycopg2.Error):
+        master.drop_slave(master_admin, pin_name)       # a pin an interrupted run left
+    master.register(master_admin, pin_name)
+    return pin_name
+
+
+def copy(config, slave, name, tables, captured):
+    """Copy the tables' rows at one master snapshot; commits the copy with its point. Returns it."""
+    reader = compare.open_session(config.DSN0, "master")
+    try:
+        with reader.cursor() as cur:
+            at = master.current_snapshot(cur)
+        with slave.cursor() as cur:
+            for table in tables:
+                cur.execute(sql.SQL("TRUNCATE {}").format(table.ident))
+                copy_table(reader, cur, table, captured[table.qualified])
+            cur.execute(COPIED, {"slave": name, "at": at, "tables": [m for t in tables for m in t.members]})
+        slave.commit()
+        return at
+    finally:
+        close_quietly(reader)
+
+
+def copy_table(reader, slave_cur, table, captured):
+    """COPY out of the master into the slave, streamed through a pipe, with a progress line."""
+    columns = sql.SQL(", ").join(map(sql.Identifier, captured.written_columns))
+    copy_out = sql.SQL("COPY (SELECT {} FROM {}) TO STDOUT").format(columns, table.ident)
+    copy_in = sql.SQL("COPY {} ({}) FROM STDIN").format(table.ident, columns)
+    read_fd, write_fd = os.pipe()
+    failure = []
+
+    def produce():
+        with os.fdopen(write_fd, "wb") as pipe:
+            try:
+                with reader.cursor() as cur:
+                    cur.copy_expert(copy_out, pipe)
+            except BaseException as error:      # raised in the caller, before anything commits
+                failure.append(error)
+
+    rows = RowCounter(os.fdopen(read_fd, "rb"))
+    producer = threading.Thread(target=produce, name="pyreplica-copy", daemon=True)
+    describe = lambda elapsed: (f"add-table: {table.qualified}: {rows.count} of about {table.estimate} rows "  # noqa: E731
+                                f"copied, {elapsed:.0f} s")
+    producer.start()
+    try:
+        with progress.every(compare.PROGRESS_EVERY, describe):
+            slave_cur.copy_expert(copy_in, rows)
+    finally:
+        rows.close()        # a slave that failed stops reading: the master's side then fails too
+        producer.join()
+    if failure:
+        raise ReplicaError(f"copy of {table.qualified} from the master failed: {failure[0]}", "master")
+    log.get().info("Copied %s rows of %s", rows.count, table.qualified)
+
+
+class RowCounter:
+    """A file psycopg2 reads COPY data from, counting rows (COPY's text format: one line each)."""
+
+    def __init__(self, raw):
+        self.raw, self.count = raw, 0
+
+    def read(self, size=-1):
+        data = self.raw.read(size)
+        self.count += data.count(b"\n")
+        return data
+
+    def readline(self, size=-1):
+        data = self.raw.readline(size)
+        self.count += data.count(b"\n")
+        return data
+
+    def close(self):
+        self.raw.close()
+
+
+# -- catching up ------------------------------------------------------------------------------------
+class Replay:
+    """Replays the held tables' left-out events on the slave, as the daemon would have."""
+
+    def __init__(self, config, master_conn, slave, name, relnames):
+        self.master_conn, self.slave, self.name, self.relnames = master_conn, slave, name, relnames
+        self.pipeline = Pipeline(config.TABLES, config.FILTERS)
+        self.skip_user = config.SKIP_USER or None
+        self.debug_level = config.DEBUG_LEVEL
+        self.replayed = 0
+
+    def arguments(self, start, end):
+        return {"start": start, "end": end, "skip_user": self.skip_user, "tables": self.relnames}
+
+    def pending(self, start, end):
+        count = fetch_one(self.master_conn, LEFT_OUT_COUNT, self.arguments(start, end))
+        self.master_conn.rollback()
+        return count
+
+    def covers(self, later, earlier):
+        covered = fetch_one(self.master_conn, COVERS, (later, earlier))
+        self.master_conn.rollback()
+        return covered
+
+    def run(self, start, end):
+        """Apply, in the slave's open transaction, the events visible at `end` and not at `start`."""
+        with self.master_conn.cursor(name="pyreplica_add_table") as events, self.slave.cursor() as cur:
+            events.execute(LEFT_OUT, self.arguments(start, end))
+            while True:
+                rows = events.fetchmany(CHUNK)
+                if not rows:
+                    break
+                chunk = self.pipeline([Event(*row) for row in rows])
+                if chunk:
+                    apply.apply_chunk(cur, chunk, debug_level=self.debug_level)
+                    self.replayed += len(chunk)
+        self.master_conn.rollback()
+
+
+def catch_up(replay, slave, name, wait):
+    """Replay left-out events in committed rounds until few are left, then join under lock."""
+    relnames = replay.relnames
+    deadline = time.monotonic() + wait
+    describe = lambda elapsed: (f"add-table: {replay.replayed} events of the new tables replayed, "  # noqa: E731
+                                f"{elapsed:.0f} s")
+    with progress.every(compare.PROGRESS_EVERY, describe):
+        while True:
+            position, _ = compare.slave_position(slave, name)
+            caught_up = fetch_one(slave, READ_CAUGHT_UP, (name, relnames))
+            slave.rollback()
+            # until the daemon's position covers the copy's point, events it will still bring may be
+            # in the copy already: nothing can be replayed yet
+            if replay.covers(position, caught_up):
+                if replay.pending(caught_up, position) > JOIN_AT:
+                    replay.run(caught_up, position)
+                    with slave.cursor() as cur:
+                        cur.execute(CAUGHT_UP, {"slave": name, "at": position, "tables": relnames})
+                    slave.commit()
+                    continue
+                if join(replay, slave, name):
+                    return
+            if time.monotonic() >= deadline:
+                raise ReplicaError(f"slave {name} has not reached the copy's point within {wait:g} s (is "
+                                   f"`pyreplica run` running for it? see --wait); the tables stay held: run "
+                                   f"add-table again", "slave")
+            time.sleep(RETRY_EVERY)
+
+
+def join(replay, slave, name):
+    """The last events and the end of the hold, in one slave transaction no batch runs beside.
+    False when a batch kept the rows locked for LOCK_TRY (tried again)."""
+    with slave.cursor() as cur:
+        cur.execute("SET LOCAL lock_timeout = %s", (LOCK_TRY,))
+        try:
+            cur.execute(TAKE_FOR_JOIN, (name, replay.relnames))
+        except psycopg2.errors.LockNotAvailable:
+            slave.rollback()
+            return False
+        caught_up = cur.fetchone()[0]
+        cur.execute("SET LOCAL lock_timeout = 0")
+    # READ COMMITTED: the latest position, and no batch after it can leave events out any more
+    position, _ = compare.slave_position(slave, name)
+    replay.run(caught_up, position)
+    with slave.cursor() as cur:
+        cur.execute(JOINED, (name, replay.relnames))
+    slave.commit()
+    return True
+
+
+# -- the commands -----------------------------------------------------------------------------------
+def open_slave(dsn):
+    conn = connect(dsn, "slave", "pyreplica add-table", settings={"search_path": master.SEARCH_PATH})
+    conn.autocommit = True
+    apply.install(conn)
+    with conn.cursor() as cur:
+        apply.start_session(cur)
+    conn.autocommit = False
+    return conn
+
+
+def open_master(dsn):
+    conn = connect(dsn, "master", "pyreplica add-table", settings={"search_path": master.SEARCH_PATH})
+    conn.autocommit = True
+    master.require_installed(conn)
+    return conn
+
+
+def add_table(config, name, names, wait=300.0):
+    master_admin = slave = reader = None
+    try:
+        master_admin, slave = open_master(config.DSN0), open_slave(config.DSN1)
+        compare.slave_position(slave, name)         # a slave that replicates from this master
+        slave.rollback()
+        tables = describe_tables(master_admin, names, Pipeline(config.TABLES))
+        refuse_replicated(slave, name, tables)
+        slave.rollback()
+        hold(slave, name, tables, "copying")
+        capture(master_admin, tables)
+        create_missing(config, slave, tables)
+        captured = {t.qualified: t for t in master.captured_tables(master_admin)}
+        check_columns(slave, [captured[t.qualified] for t in tables])
+        pin_name = pin(master_admin, name)
+        at = copy(config, slave, name, tables, captured)
+        faults.point("add_table_copied")
+        relnames = [m for t in tables for m in t.members]
+        reader = connect(config.DSN0, "master", "pyreplica add-table", settings={"search_path": master.SEARCH_PATH})
+        replay = Replay(config, reader, slave, name, relnames)
+        catch_up(replay, slave, name, wait)
+        master.drop_slave(master_admin, pin_name)
+        print(f"Added {', '.join(t.qualified for t in tables)} to slave {name}: copied at master snapshot {at}, "
+              f"{replay.replayed} later events replayed; the daemon replicates them from now on")
+        return 0
+    finally:
+        abandon_and_close(reader, slave)
+        close_quietly(master_admin)
+
+
+def remove_table(config, name, names):
+    master_conn = slave = None
+    try:
+        master_conn, slave = open_master(config.DSN0), open_slave(config.DSN1)
+        compare.slave_position(slave, name)
+        slave.rollback()
+        tables = [Wanted(*fetch_row(master_conn, DESCRIBE, (resolve(master_conn, n),))) for n in names]
+        hold(slave, name, tables, "removed")
+        print(f"Removed {', '.join(t.qualified for t in tables)} from slave {name}: their changes are no longer "
+              f"applied there (the slave's tables are kept as they are; `pyreplica add-table` copies them again)")
+        return 0
+    finally:
+        abandon_and_close(slave)
+        close_quietly(master_conn)
+
+
+def resolve(conn, name):
+    rel, problem = fetch_row(conn, RESOLVE, (name,))
+    if problem:
+        raise ReplicaError(problem, "master")
+    return rel

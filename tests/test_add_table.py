@@ -1,0 +1,154 @@
+"""`pyreplica add-table` / `remove-table` (docs/design.md §13): tables join and leave a running slave
+while the daemon replays and writers write, against real master and slave servers."""
+import contextlib
+import random
+import threading
+
+from replication import Daemon, contents, create_on_both, run_cli, wait_identical, wait_until
+
+DDL = "CREATE TABLE t (id int PRIMARY KEY, v text);"
+NEW = """
+CREATE TABLE n (id serial PRIMARY KEY, v text, k numeric, twice int GENERATED ALWAYS AS (id * 2) STORED);
+CREATE INDEX n_v ON n (v);
+CREATE TABLE parted (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);
+CREATE TABLE parted_low PARTITION OF parted FOR VALUES FROM (MINVALUE) TO (100000);
+CREATE TABLE parted_high PARTITION OF parted FOR VALUES FROM (100000) TO (MAXVALUE);
+"""
+
+
+class Writer:
+    """Writes t (replicated all along) and the tables being added, until stopped."""
+
+    def __init__(self, master, tables=("t", "n")):
+        self.master, self.tables = master, tables
+        self.stop_event = threading.Event()
+        self.errors, self.commits = [], 0
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self):
+        rng = random.Random(7)
+        try:
+            with contextlib.closing(self.master.connect()) as conn, conn.cursor() as cur:
+                i = 10000
+                while not self.stop_event.is_set():
+                    i += 1
+                    cur.execute("INSERT INTO t VALUES (%s, 'w')", (i,))
+                    if "n" in self.tables:
+                        cur.execute("BEGIN; INSERT INTO n (v, k) VALUES ('w' || %s, %s); "
+                                    "UPDATE n SET v = v || '+', k = k + 1 WHERE id = %s; "
+                                    "DELETE FROM n WHERE id = %s; COMMIT",
+                                    (i, i / 7, rng.randint(1, 3000), rng.randint(1, 3000)))
+                    if "parted" in self.tables:
+                        cur.execute("INSERT INTO parted VALUES (%s, 'p'), (%s, 'q') ON CONFLICT (id) DO UPDATE "
+                                    "SET v = parted.v || '!'", (rng.randint(1, 200000), rng.randint(1, 200000)))
+                    self.commits += 1
+                    self.stop_event.wait(0.003)
+        except Exception as e:      # shown by the test's assertion
+            self.errors.append(repr(e))
+
+    def __enter__(self):
+        self.thread.start()
+        wait_until(lambda: self.commits > 20 or self.errors, message="the writer to write")
+        return self
+
+    def __exit__(self, *exc):
+        self.stop_event.set()
+        self.thread.join()
+
+
+def start(master, slave, on_slave_too=True):
+    """t replicated; n and parted filled on the master (and created, empty, on the slave if asked)."""
+    create_on_both(master, slave, DDL, ["t"])
+    master.execute(NEW)
+    if on_slave_too:
+        slave.execute(NEW)
+    master.execute("INSERT INTO n (v, k) SELECT 'r' || g, g / 3.0 FROM generate_series(1, 3000) g")
+    master.execute("INSERT INTO parted SELECT g * 97 % 200000, 'r' || g FROM generate_series(1, 2000) g")
+
+
+def replicating(master, slave):
+    master.execute("INSERT INTO t VALUES (0, 'first')")
+    wait_identical(master, slave, ["t"])
+
+
+def add_table(master, slave, *tables, expect=0):
+    code, out, err = run_cli("add-table", master.dsn, slave.dsn, *tables, "--name", "s1", "--wait", "60",
+                             timeout=120)
+    assert "Traceback" not in err, err
+    assert code == expect, (code, out, err)
+    return out + err
+
+
+def test_add_table_while_writers_write_and_the_daemon_runs(master, slave):
+    start(master, slave, on_slave_too=False)        # n and parted are created on the slave by add-table
+    with Daemon(master, slave, name="s1") as daemon, Writer(master, ("t", "n", "parted")) as writer:
+        replicating(master, slave)
+        output = add_table(master, slave, "n", "public.parted")
+        assert "Added n, parted to slave s1" in output.replace("public.", ""), output
+        assert master.scalar("SELECT count(*) FROM pyreplica.replica_slaves WHERE name LIKE '%+add-table'") == 0
+        writes_after = writer.commits
+        wait_until(lambda: writer.commits > writes_after + 50 or writer.errors, message="writes after the join")
+    assert not writer.errors, writer.errors
+    with Daemon(master, slave, name="s1") as daemon:
+        wait_identical(master, slave, ["t", "n", "parted"])
+    assert "error" not in daemon.output.lower(), daemon.output
+    assert slave.scalar("SELECT count(*) FROM parted_high") == master.scalar("SELECT count(*) FROM parted_high") > 0
+    assert slave.scalar("SELECT to_regclass('n_v') IS NOT NULL")            # the definition came with it
+    code, out, err = run_cli("compare", master.dsn, slave.dsn, "--name", "s1")
+    assert code == 0, out + err
+
+
+def test_add_table_interrupted_after_the_copy_runs_again(master, slave):
+    start(master, slave)
+    with Daemon(master, slave, name="s1") as daemon, Writer(master) as writer:
+        replicating(master, slave)
+        code, out, err = run_cli("add-table", master.dsn, slave.dsn, "n", "--name", "s1",
+                                 env={"PYREPLICA_TEST_FAULT": "add_table_copied"}, timeout=120)
+        assert code == -9, (code, out, err)
+        assert slave.scalar("SELECT state FROM pyreplica.table_states WHERE relname = 'public.n'") == "catching_up"
+        assert master.scalar("SELECT count(*) FROM pyreplica.replica_slaves WHERE name = 's1+add-table'") == 1
+        add_table(master, slave, "n")
+    assert not writer.errors, writer.errors
+    with Daemon(master, slave, name="s1"):
+        wait_identical(master, slave, ["t", "n"])
+    assert slave.scalar("SELECT count(*) FROM pyreplica.table_states") == 0
+
+
+def test_remove_table_then_add_it_again(master, slave):
+    start(master, slave)
+    with Daemon(master, slave, name="s1") as daemon:
+        replicating(master, slave)
+        add_table(master, slave, "n")
+        wait_identical(master, slave, ["t", "n"])
+        code, out, err = run_cli("remove-table", master.dsn, slave.dsn, "n", "--name", "s1")
+        assert code == 0, (out, err)
+        assert "Removed n from slave s1" in out.replace("public.", ""), out
+        kept = contents(slave, "n")
+        master.execute("UPDATE n SET v = 'changed' WHERE id < 100; INSERT INTO t VALUES (1, 'after')")
+        wait_until(lambda: slave.execute("SELECT v FROM t WHERE id = 1") == [("after",)], message="t to replicate")
+        assert contents(slave, "n") == kept          # n no longer follows the master
+        code, out, err = run_cli("compare", master.dsn, slave.dsn, "--name", "s1")
+        assert code == 0, out + err
+        assert "not compared" in out and "removed" in out, out
+        add_table(master, slave, "n")
+        wait_identical(master, slave, ["t", "n"])
+    assert "error" not in daemon.output.lower(), daemon.output
+
+
+def test_add_table_refusals_change_nothing(master, slave):
+    start(master, slave)
+    master.execute("CREATE TABLE nopk (v text)")
+    with Daemon(master, slave, name="s1") as daemon:
+        replicating(master, slave)
+        out = add_table(master, slave, "nopk", expect=1)
+        assert "table public.nopk has no primary key" in out, out
+        out = add_table(master, slave, "t", expect=1)
+        assert "table public.t is already replicated to slave s1" in out and "pyreplica repair" in out, out
+        out = add_table(master, slave, "parted_low", expect=1)
+        assert "is a partition: name the partitioned table it belongs to" in out, out
+        out = add_table(master, slave, "no_such_table", expect=1)
+        assert "no_such_table" in out, out
+    assert slave.scalar("SELECT count(*) FROM pyreplica.table_states") == 0
+    assert not master.scalar("SELECT pyreplica.py_log_is_captured('nopk')")
+    code, out, err = run_cli("add-table", master.dsn, "n", "--name", "s1")
+    assert code == 2 and "give both connection strings" in err, (code, out, err)
