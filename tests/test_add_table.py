@@ -1,8 +1,12 @@
 """`pyreplica add-table` / `remove-table` (docs/design.md §13): tables join and leave a running slave
 while the daemon replays and writers write, against real master and slave servers."""
+import concurrent.futures
 import contextlib
 import random
 import threading
+import uuid
+
+from psycopg2 import sql
 
 from replication import Daemon, contents, create_on_both, run_cli, wait_identical, wait_until
 
@@ -152,3 +156,48 @@ def test_add_table_refusals_change_nothing(master, slave):
     assert not master.scalar("SELECT pyreplica.py_log_is_captured('nopk')")
     code, out, err = run_cli("add-table", master.dsn, "n", "--name", "s1")
     assert code == 2 and "give both connection strings" in err, (code, out, err)
+
+
+def test_a_least_privilege_daemon_keeps_replicating_after_an_administrator_added_a_table(master, slave):
+    """add-table runs as an administrator; it may be the first to install the slave's new table_states,
+    which the daemon's role must still be able to lock (it owns the slave's schema)."""
+    role = f"repl_{uuid.uuid4().hex[:8]}"
+    start(master, slave)
+    for db in (master, slave):
+        db.execute(sql.SQL("CREATE ROLE {0} LOGIN").format(sql.Identifier(role)))
+    master.execute(sql.SQL("GRANT pyreplica_daemon TO {0}").format(sql.Identifier(role)))
+    slave.execute(sql.SQL("CREATE SCHEMA pyreplica AUTHORIZATION {0}; "
+                          "GRANT SET ON PARAMETER session_replication_role TO {0}; "
+                          "GRANT USAGE ON SCHEMA public TO {0}; "
+                          "GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON t, n TO {0}; "
+                          "GRANT SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA public TO {0}").format(sql.Identifier(role)))
+
+    class As:
+        def __init__(self, db):
+            self.dsn = db.cluster.dsn(db.name, user=role)
+    try:
+        with Daemon(As(master), As(slave), name="s1") as daemon:
+            replicating(master, slave)
+        # as after an upgrade the daemon has not run yet: the administrator's add-table installs it
+        slave.execute("DROP TABLE pyreplica.table_states; COMMENT ON FUNCTION "
+                      "pyreplica.apply_events(bigint[], text[], text[], text[], int[]) IS 'pyreplica slave schema 3'")
+        with Writer(master) as writer, concurrent.futures.ThreadPoolExecutor(1) as pool:
+            adding = pool.submit(add_table, master, slave, "n")
+            wait_until(lambda: slave.scalar("SELECT to_regclass('pyreplica.table_states') IS NOT NULL"),
+                       message="add-table to install the slave's table_states")
+            with Daemon(As(master), As(slave), name="s1") as daemon:
+                try:
+                    adding.result()
+                except AssertionError as e:
+                    raise AssertionError(f"{e}\n{daemon.output}") from None
+                wait_identical(master, slave, ["n"])
+        assert not writer.errors, writer.errors
+        assert "permission denied" not in daemon.output, daemon.output
+        with Daemon(As(master), As(slave), name="s1"):
+            wait_identical(master, slave, ["t", "n"])
+    finally:
+        slave.execute("DROP SCHEMA IF EXISTS pyreplica CASCADE")
+        for db in (master, slave):
+            db.execute(sql.SQL("DROP OWNED BY {0}").format(sql.Identifier(role)))
+        for db in (master, slave):
+            db.execute(sql.SQL("DROP ROLE IF EXISTS {0}").format(sql.Identifier(role)))

@@ -52,6 +52,17 @@ CREATE TABLE IF NOT EXISTS pyreplica.table_states (
     changed_at    timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (slave, relname)
 );
+-- The daemon locks these rows (FOR SHARE needs UPDATE): when an administrator's add-table created
+-- the table, it goes to the schema's owner, the daemon's role in README's least-privilege setup.
+DO $$
+DECLARE
+    schema_owner regrole := (SELECT nspowner FROM pg_namespace WHERE nspname = 'pyreplica');
+BEGIN
+    IF (SELECT relowner FROM pg_class WHERE oid = 'pyreplica.table_states'::regclass) <> schema_owner THEN
+        EXECUTE format('ALTER TABLE pyreplica.table_states OWNER TO %s', schema_owner);
+    END IF;
+END
+$$;
 
 -- Apply a chunk of statements in one round trip, checking each: an INSERT, UPDATE or DELETE must
 -- touch exactly rows[i] rows (1 for one event; k for k merged events), else it is a conflict,
