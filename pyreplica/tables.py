@@ -33,7 +33,7 @@ from psycopg2 import sql
 
 from . import apply, clone, compare, faults, log, master, progress
 from .batch import Event
-from .db import ReplicaError, abandon_and_close, close_quietly, connect, fetch_one
+from .db import ReplicaError, abandon_and_close, close_quietly, connect, fetch_one, first_line
 from .filters import Pipeline
 
 PIN_SUFFIX = "+add-table"       # the registration that holds the master's log while tables join
@@ -102,12 +102,9 @@ class Wanted:
 def describe_tables(conn, names, pipeline):
     """The tables named, each checked: exists on the master, one table, a primary key, not a
     partition, taken by this slave's TABLES."""
-    found = []
+    found = {}
     for name in names:
-        rel, problem = fetch_row(conn, RESOLVE, (name,))
-        if problem:
-            raise ReplicaError(f"{problem}", "master")
-        table = Wanted(*fetch_row(conn, DESCRIBE, (rel,)))
+        table = Wanted(*fetch_row(conn, DESCRIBE, (resolve(conn, name),)))
         if table.is_partition:
             raise ReplicaError(f"table {table.qualified} is a partition: name the partitioned table it belongs to",
                                "master")
@@ -117,8 +114,8 @@ def describe_tables(conn, names, pipeline):
         if not pipeline.wants_table(table.qualified):
             raise ReplicaError(f"table {table.qualified} is not in this slave's TABLES: add it to the config "
                                f"first", "master")
-        found.append(table)
-    return found
+        found.setdefault(table.qualified, table)
+    return list(found.values())
 
 
 def fetch_row(conn, query, args):
@@ -155,13 +152,23 @@ def hold(slave, name, tables, state):
     slave.commit()
 
 
-def capture(master_admin, tables):
+def capture(master_admin, slave, name, tables):
+    """py_log_create_tg for the tables not captured yet; a refusal releases the hold."""
     for table in tables:
         if table.captured:
             continue
         answer = fetch_one(master_admin, CAPTURE, (table.qualified,))
+        if not answer.startswith("created trigger"):
+            release(slave, name, tables)
+            raise ReplicaError(f"cannot capture it on the master: {answer}", "master")
         log.get().info("%s", answer)
         table.captured = True
+
+
+def release(slave, name, tables):
+    with slave.cursor() as cur:
+        cur.execute(JOINED, (name, [m for t in tables for m in t.members]))
+    slave.commit()
 
 
 def create_missing(config, slave, tables):
@@ -393,6 +400,14 @@ def open_master(dsn):
 
 
 def add_table(config, name, names, wait=300.0):
+    try:
+        return add_tables(config, name, names, wait)
+    except psycopg2.Error as e:     # e.g. the slave's TRUNCATE refused by a foreign key: one line
+        raise ReplicaError(f"add-table failed: {first_line(e)} (whatever was held out of the stream stays "
+                           f"held, nothing is lost: fix it and run add-table again, or remove-table)") from e
+
+
+def add_tables(config, name, names, wait):
     master_admin = slave = reader = None
     try:
         master_admin, slave = open_master(config.DSN0), open_slave(config.DSN1)
@@ -402,7 +417,7 @@ def add_table(config, name, names, wait=300.0):
         refuse_replicated(slave, name, tables)
         slave.rollback()
         hold(slave, name, tables, "copying")
-        capture(master_admin, tables)
+        capture(master_admin, slave, name, tables)
         create_missing(config, slave, tables)
         captured = {t.qualified: t for t in master.captured_tables(master_admin)}
         check_columns(slave, [captured[t.qualified] for t in tables])
@@ -429,6 +444,7 @@ def remove_table(config, name, names):
         compare.slave_position(slave, name)
         slave.rollback()
         tables = [Wanted(*fetch_row(master_conn, DESCRIBE, (resolve(master_conn, n),))) for n in names]
+        tables = list({t.qualified: t for t in tables}.values())
         hold(slave, name, tables, "removed")
         print(f"Removed {', '.join(t.qualified for t in tables)} from slave {name}: their changes are no longer "
               f"applied there (the slave's tables are kept as they are; `pyreplica add-table` copies them again)")
