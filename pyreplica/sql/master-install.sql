@@ -489,14 +489,18 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
-    t name;
+    t    name;
+    flag text := current_setting('pyreplica.skip_ddl_capture', true);
 BEGIN
+    -- Our own ALTER TABLE ... ENABLE TRIGGER is no statement for the slaves (the DDL capture skips it).
+    PERFORM set_config('pyreplica.skip_ddl_capture', 'on', true);
     FOR t IN SELECT tgname FROM pg_trigger
               WHERE tgrelid = rel AND tgfoid = 'pyreplica.py_log_replica()'::regprocedure LOOP
         EXECUTE format('ALTER TABLE %s ENABLE %s TRIGGER %I', rel,
                        CASE WHEN to_regclass('pyreplica.settings') IS NULL THEN ''   -- (during an upgrade)
                             WHEN pyreplica.option('cascade') = 'on' THEN 'ALWAYS' ELSE '' END, t);
     END LOOP;
+    PERFORM set_config('pyreplica.skip_ddl_capture', coalesce(flag, ''), true);
 END
 $fn$;
 COMMENT ON FUNCTION pyreplica.py_log_enable_triggers(regclass) IS 'pyreplica: enable capture triggers as the cascade setting says';
@@ -729,8 +733,12 @@ LANGUAGE plpgsql
 AS $fn$
 DECLARE
     logged bigint;
+    flag   text := pg_catalog.current_setting('pyreplica.skip_ddl_capture', true);
 BEGIN
+    -- Logged once, below: the DDL capture (ddl = on) skips the statement it runs.
+    PERFORM pg_catalog.set_config('pyreplica.skip_ddl_capture', 'on', true);
     EXECUTE statement;
+    PERFORM pg_catalog.set_config('pyreplica.skip_ddl_capture', pg_catalog.coalesce(flag, ''), true);
     INSERT INTO pyreplica.replica_log (txid, relname, op, sql)
     VALUES (pg_catalog.pg_current_xact_id(), NULL, 'S', statement)
     RETURNING id INTO logged;
@@ -1235,18 +1243,33 @@ $upgrade$;
 --   cascade  on: this database is a slave that feeds further slaves: its capture triggers are
 --            ENABLE ALWAYS, so the rows its daemon replays (session_replication_role = replica)
 --            are captured again. Off (default): ordinary triggers, nothing replayed is captured.
+--   ddl      on: the DDL event triggers log a superuser's ALTER TABLE, CREATE/ALTER/DROP INDEX and
+--            CREATE/DROP TABLE of a captured table, as its statement text, for every slave
+--            (README "Schema changes"). Off (default): DDL travels only through py_log_sql.
+--   capture_new_tables  on: a table created with a primary key is captured at once. Off (default).
 -- ---------------------------------------------------------------------------------------------
 DO $settings$
+DECLARE
+    -- Every setting's name; the CHECK is re-made when an older install's CHECK lacks one of them.
+    known text[] := ARRAY['cascade', 'ddl', 'capture_new_tables'];
 BEGIN
     IF to_regclass('pyreplica.settings') IS NULL THEN
         CREATE TABLE pyreplica.settings (
-            name       text        PRIMARY KEY CHECK (name IN ('cascade')),
+            name       text        PRIMARY KEY,
             value      text        NOT NULL,
             changed_at timestamptz NOT NULL DEFAULT now()
         );
         COMMENT ON TABLE pyreplica.settings IS 'pyreplica: this node''s settings (pyreplica.set_option)';
         REVOKE ALL ON pyreplica.settings FROM PUBLIC;
         GRANT SELECT ON pyreplica.settings TO pyreplica_daemon;
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_constraint
+                    WHERE conrelid = 'pyreplica.settings'::regclass AND conname = 'settings_name_check'
+                      AND (SELECT bool_and(pg_get_constraintdef(oid) LIKE '%' || quote_literal(k) || '%')
+                             FROM unnest(known) k)) THEN
+        ALTER TABLE pyreplica.settings DROP CONSTRAINT IF EXISTS settings_name_check;
+        EXECUTE format('ALTER TABLE pyreplica.settings ADD CONSTRAINT settings_name_check CHECK (name = ANY (%L::text[]))',
+                       known);
     END IF;
 END
 $settings$;
@@ -1257,7 +1280,7 @@ LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
     SELECT coalesce((SELECT value FROM pyreplica.settings WHERE name = setting),
-                    CASE setting WHEN 'cascade' THEN 'off' END);
+                    CASE WHEN setting IN ('cascade', 'ddl', 'capture_new_tables') THEN 'off' END);
 $fn$;
 COMMENT ON FUNCTION pyreplica.option(text) IS 'pyreplica: a setting of this node, or its default';
 
@@ -1270,22 +1293,33 @@ AS $fn$
 DECLARE
     rel regclass;
     n   int := 0;
+    val text := lower(new_value);
 BEGIN
-    IF setting IS DISTINCT FROM 'cascade' THEN
-        RAISE EXCEPTION 'pyreplica: unknown setting "%"', setting USING HINT = 'Settings: cascade (on/off).';
-    ELSIF new_value IS NULL OR lower(new_value) NOT IN ('on', 'off') THEN
-        RAISE EXCEPTION 'pyreplica: setting cascade must be on or off, not "%"', new_value;
+    IF setting IS NULL OR setting NOT IN ('cascade', 'ddl', 'capture_new_tables') THEN
+        RAISE EXCEPTION 'pyreplica: unknown setting "%"', setting
+            USING HINT = 'Settings: cascade, ddl, capture_new_tables (each on or off).';
+    ELSIF val IS NULL OR val NOT IN ('on', 'off') THEN
+        RAISE EXCEPTION 'pyreplica: setting % must be on or off, not "%"', setting, new_value;
     END IF;
-    INSERT INTO pyreplica.settings (name, value) VALUES (setting, lower(new_value))
+    INSERT INTO pyreplica.settings (name, value) VALUES (setting, val)
     ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value, changed_at = now();
+    IF setting = 'ddl' THEN
+        RETURN format('ddl = %s (%s)', val,
+                      CASE val WHEN 'on' THEN 'a superuser''s ALTER TABLE, CREATE/ALTER/DROP INDEX and CREATE/DROP TABLE of a captured table are logged for every slave'
+                               ELSE 'DDL is not logged: run it on every slave, or through py_log_sql' END);
+    ELSIF setting = 'capture_new_tables' THEN
+        RETURN format('capture_new_tables = %s (%s)', val,
+                      CASE val WHEN 'on' THEN 'a table created with a primary key is captured at once'
+                               ELSE 'a new table is captured only by py_log_create_tg' END);
+    END IF;
     FOR rel IN SELECT DISTINCT tgrelid::regclass FROM pg_trigger
                 WHERE tgfoid = 'pyreplica.py_log_replica()'::regprocedure LOOP
         PERFORM pyreplica.py_log_enable_triggers(rel);
         n := n + 1;
     END LOOP;
-    RETURN format('cascade = %s (capture triggers of %s table(s) %s)', lower(new_value), n,
-                  CASE lower(new_value) WHEN 'on' THEN 'capture replayed rows too: ENABLE ALWAYS'
-                                        ELSE 'capture only this database''s own writes: ENABLE' END);
+    RETURN format('cascade = %s (capture triggers of %s table(s) %s)', val, n,
+                  CASE val WHEN 'on' THEN 'capture replayed rows too: ENABLE ALWAYS'
+                           ELSE 'capture only this database''s own writes: ENABLE' END);
 END
 $fn$;
 COMMENT ON FUNCTION pyreplica.set_option(text, text) IS 'pyreplica: change a setting of this node';
