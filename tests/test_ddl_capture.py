@@ -78,6 +78,7 @@ def test_alter_table_and_indexes_replicate_with_a_running_daemon_and_a_writer(ca
         master.execute("CREATE UNIQUE INDEX t_v_id ON t (v, id)")
         master.execute("ALTER INDEX t_v_id RENAME TO t_v_id2")
         master.execute("CREATE INDEX t_note ON t (note)")
+        wait_until(lambda: "note" in columns(slave), message="the new column on the slave")
         wait_until(lambda: slave.scalar("SELECT count(*) FROM t WHERE note = 'noted'") > 20,
                    message="rows using the new column on the slave")
         master.execute("DROP INDEX t_note")
