@@ -83,7 +83,6 @@ def test_alter_table_and_indexes_replicate_with_a_running_daemon_and_a_writer(ca
                    message="rows using the new column on the slave")
         master.execute("DROP INDEX t_note")
         wait_until(lambda: indexes(slave) == ["t_pkey", "t_v_id2"], message="DROP INDEX on the slave")
-    wait_identical(master, slave, ["t"])
     with Daemon(master, slave, name="s1"):
         wait_identical(master, slave, ["t"])
     assert "error at event" not in daemon.final_output, daemon.final_output
@@ -167,7 +166,7 @@ def test_concurrently_is_not_logged_and_says_what_to_do(captured):
     master, _ = captured
     with contextlib.closing(master.connect()) as conn, conn.cursor() as cur:
         cur.execute("CREATE INDEX CONCURRENTLY t_v ON t (v)")
-        assert [n.strip() for n in conn.notices] == [
+        assert [n.splitlines()[0] for n in conn.notices] == [
             "WARNING:  pyreplica: CREATE INDEX CONCURRENTLY is not logged for the slaves (they replay inside a "
             "transaction, where it cannot run)"]
     assert indexes(master) == ["t_pkey", "t_v"] and logged_statements(master) == []
@@ -177,7 +176,8 @@ def test_a_role_that_is_not_a_superuser_is_refused(captured):
     master, _ = captured
     master.execute("CREATE ROLE ddl_owner_%s LOGIN" % master.name)
     role = "ddl_owner_%s" % master.name
-    master.execute(f"ALTER TABLE t OWNER TO {role}; GRANT CREATE ON SCHEMA public TO {role}")
+    master.execute(f"ALTER TABLE t OWNER TO {role}")
+    master.execute(f"GRANT CREATE ON SCHEMA public TO {role}")
     assert logged_statements(master) == ["ALTER TABLE t OWNER TO " + role]
     try:
         with contextlib.closing(master.cluster.connect(master.name, user=role)) as conn, conn.cursor() as cur:
@@ -198,12 +198,12 @@ def test_capture_new_tables_creates_and_fills_them_on_the_slave(captured):
     assert master.scalar("SELECT pyreplica.set_option('capture_new_tables', 'ON')") == (
         "capture_new_tables = on (a table created with a primary key is captured at once)")
     with Daemon(master, slave, name="s1", keepalive=1) as daemon, writer_on_t(master):
-        daemon.wait_for_output("Waiting for 'NOTIFY'")
+        wait_until(lambda: slave.scalar("SELECT count(*) FROM t") > 20, message="first rows on the slave")
         master.execute("CREATE TABLE n (id serial PRIMARY KEY, v text)")
         master.execute("INSERT INTO n (v) SELECT 'row ' || i FROM generate_series(1, 50) i")
         with contextlib.closing(master.connect()) as conn, conn.cursor() as cur:
             cur.execute("CREATE TABLE no_pk (v text)")
-            assert [n.strip() for n in conn.notices] == [
+            assert [n.splitlines()[0] for n in conn.notices] == [
                 "WARNING:  pyreplica: new table public.no_pk is not captured (capture_new_tables = on): table no_pk "
                 "has no pk constraint (couldn't be replicated)!"]
         wait_identical(master, slave, ["n", "t"])
