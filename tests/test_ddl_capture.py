@@ -88,9 +88,6 @@ def test_alter_table_and_indexes_replicate_with_a_running_daemon_and_a_writer(ca
     assert "error at event" not in daemon.final_output, daemon.final_output
     assert columns(slave) == ["id", "v", "note"]
     assert indexes(slave) == indexes(master) == ["t_pkey", "t_v_id2"]
-    assert logged_statements(master) == ["ALTER TABLE t ADD COLUMN note text", "CREATE UNIQUE INDEX t_v_id ON t (v, id)",
-                                         "ALTER INDEX t_v_id RENAME TO t_v_id2", "CREATE INDEX t_note ON t (note)",
-                                         "DROP INDEX t_note"]
 
 
 def test_several_statements_in_one_string_are_refused_and_nothing_changes(captured):
@@ -199,13 +196,16 @@ def test_capture_new_tables_creates_and_fills_them_on_the_slave(captured):
         "capture_new_tables = on (a table created with a primary key is captured at once)")
     with Daemon(master, slave, name="s1", keepalive=1) as daemon, writer_on_t(master):
         wait_until(lambda: slave.scalar("SELECT count(*) FROM t") > 20, message="first rows on the slave")
-        master.execute("CREATE TABLE n (id serial PRIMARY KEY, v text)")
+        with pytest.raises(psycopg2.Error, match="pyreplica: ddl = on needs the schema of a new table in CREATE TABLE"):
+            master.execute("CREATE TABLE n (id serial PRIMARY KEY, v text)")
+        master.execute("CREATE TABLE public.n (id serial PRIMARY KEY, v text)")
         master.execute("INSERT INTO n (v) SELECT 'row ' || i FROM generate_series(1, 50) i")
         with contextlib.closing(master.connect()) as conn, conn.cursor() as cur:
-            cur.execute("CREATE TABLE no_pk (v text)")
+            cur.execute("CREATE TABLE IF NOT EXISTS public.no_pk (v text)")
             assert [n.splitlines()[0] for n in conn.notices] == [
                 "WARNING:  pyreplica: new table public.no_pk is not captured (capture_new_tables = on): table no_pk "
                 "has no pk constraint (couldn't be replicated)!"]
+        wait_until(lambda: slave.scalar("SELECT to_regclass('n') IS NOT NULL"), message="table n on the slave; the daemon said:\n" + daemon.output[-3000:])
         wait_identical(master, slave, ["n", "t"])
     assert slave.scalar("SELECT count(*) FROM n") == 50
     assert slave.scalar("SELECT to_regclass('no_pk') IS NULL")

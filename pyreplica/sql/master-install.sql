@@ -692,7 +692,8 @@ COMMENT ON FUNCTION pyreplica.py_log_setting_on(text) IS 'pyreplica: is a settin
 -- Called by the event trigger functions only (SECURITY DEFINER themselves); returns the log id.
 -- How the query string reads as `tag` (the command the event trigger fired for): 'ok' (exactly
 -- that one statement), 'concurrently' (CREATE/DROP INDEX CONCURRENTLY), 'inside' (another
--- statement, e.g. a DO block or a function call, ran the DDL) or 'statements:N' (N statements).
+-- statement, e.g. a DO block or a function call, ran the DDL), 'unqualified' (CREATE TABLE without
+-- a schema) or 'statements:N' (N statements).
 CREATE OR REPLACE FUNCTION pyreplica.py_log_ddl_reading(query text, tag text)
 RETURNS text
 LANGUAGE plpython3u IMMUTABLE
@@ -776,6 +777,10 @@ if not is_the_command(found[0], tag):
     return "inside"
 if tag in ("CREATE INDEX", "DROP INDEX") and "CONCURRENTLY" in found[0][:4]:
     return "concurrently"
+# A slave's search_path starts with pg_catalog: an unqualified new table would be created there.
+words = [w for w in found[0] if w not in ("UNLOGGED", "IF", "NOT", "EXISTS")]
+if tag == "CREATE TABLE" and words[3:4] != ["."]:
+    return "unqualified"
 return "ok"
 $py$;
 COMMENT ON FUNCTION pyreplica.py_log_ddl_reading(text, text) IS 'pyreplica: is a query string exactly one statement of a command';
@@ -799,6 +804,9 @@ BEGIN
     ELSIF reading = 'inside' THEN
         RAISE EXCEPTION 'pyreplica: ddl = on cannot log this %: it ran inside another statement (a DO block or a function), whose text is not the % itself',
                         tag, tag USING HINT = hint;
+    ELSIF reading = 'unqualified' THEN
+        RAISE EXCEPTION 'pyreplica: ddl = on needs the schema of a new table in CREATE TABLE (the slaves run it with search_path pg_catalog, public)'
+            USING HINT = 'Write CREATE TABLE public.name (...), or log it yourself with SELECT py_log_sql(''...''), or turn the DDL capture off: SELECT pyreplica.set_option(''ddl'', ''off'');';
     ELSIF reading = 'concurrently' THEN
         RAISE WARNING 'pyreplica: % CONCURRENTLY is not logged for the slaves (they replay inside a transaction, where it cannot run)', tag
             USING HINT = format('Do it on the slaves too: SELECT py_log_sql_only(''%s ...''); (without CONCURRENTLY).', tag);
