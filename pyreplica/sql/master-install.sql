@@ -489,14 +489,18 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
-    t name;
+    t    name;
+    flag text := current_setting('pyreplica.skip_ddl_capture', true);
 BEGIN
+    -- Our own ALTER TABLE ... ENABLE TRIGGER is no statement for the slaves (the DDL capture skips it).
+    PERFORM set_config('pyreplica.skip_ddl_capture', 'on', true);
     FOR t IN SELECT tgname FROM pg_trigger
               WHERE tgrelid = rel AND tgfoid = 'pyreplica.py_log_replica()'::regprocedure LOOP
         EXECUTE format('ALTER TABLE %s ENABLE %s TRIGGER %I', rel,
                        CASE WHEN to_regclass('pyreplica.settings') IS NULL THEN ''   -- (during an upgrade)
                             WHEN pyreplica.option('cascade') = 'on' THEN 'ALWAYS' ELSE '' END, t);
     END LOOP;
+    PERFORM set_config('pyreplica.skip_ddl_capture', coalesce(flag, ''), true);
 END
 $fn$;
 COMMENT ON FUNCTION pyreplica.py_log_enable_triggers(regclass) IS 'pyreplica: enable capture triggers as the cascade setting says';
@@ -669,12 +673,202 @@ END
 $fn$;
 COMMENT ON FUNCTION pyreplica.py_log_drop_tg(text) IS 'pyreplica: stop capturing a table (and its partitions)';
 
--- After ALTER TABLE or CREATE TABLE: for every replicated table touched (a partition counts as its
--- partitioned table), renew the column signature of its triggers and its partitions' triggers
--- where it changed, so that every backend prepares a new capture query (a cached one would miss
--- an added column), and put triggers on a partition just created or attached. A new inheritance
--- child of a replicated table is refused (its rows would never be captured), and so is a new
--- parent of one.
+-- Is a setting on? Off while the settings table does not exist yet (the event triggers of an older
+-- install fire on the CREATE TABLEs of this script).
+CREATE OR REPLACE FUNCTION pyreplica.py_log_setting_on(setting text)
+RETURNS boolean
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    RETURN to_regclass('pyreplica.settings') IS NOT NULL AND pyreplica.option(setting) = 'on';
+END
+$fn$;
+COMMENT ON FUNCTION pyreplica.py_log_setting_on(text) IS 'pyreplica: is a setting on (off during an install)';
+
+-- DDL capture (ddl = on, docs/design.md §12): log the statement the event trigger fired for, as
+-- an administrator's statement ('S'), in this transaction, so it takes its place in the stream.
+-- Only a faithful capture: current_query() is the whole query string the client sent, so it must
+-- hold exactly this one statement (not several, not a DO block or a function call that ran the
+-- DDL), which a small tokenizer checks. Refusing raises: the DDL is rolled back with it.
+-- Only a superuser's DDL: a slave runs the text as the daemon's role, so anyone else's would run
+-- there with rights its author may not have. CONCURRENTLY cannot run in a slave's batch
+-- transaction: not logged, a WARNING says how to build the index on the slaves.
+-- Called by the event trigger functions only (SECURITY DEFINER themselves); returns the log id.
+-- How the query string reads as `tag` (the command the event trigger fired for): 'ok' (exactly
+-- that one statement), 'concurrently' (CREATE/DROP INDEX CONCURRENTLY), 'inside' (another
+-- statement, e.g. a DO block or a function call, ran the DDL), 'unqualified' (CREATE TABLE without
+-- a schema) or 'statements:N' (N statements).
+CREATE OR REPLACE FUNCTION pyreplica.py_log_ddl_reading(query text, tag text)
+RETURNS text
+LANGUAGE plpython3u IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $py$
+import re
+
+WORD = re.compile(r"[^\W\d][\w$]*")
+DOLLAR = re.compile(r"\$([^\W\d][\w]*)?\$")
+
+
+def statements(text):
+    """The query string's statements, each as its list of upper-cased words (quoted text,
+    quoted names and comments are skipped; an empty statement is none)."""
+    found, words, i, n = [], [], 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == ";":
+            if words:
+                found.append(words)
+            words, i = [], i + 1
+        elif text.startswith("--", i):
+            end = text.find("\n", i)
+            i = n if end < 0 else end + 1
+        elif text.startswith("/*", i):                  # comments nest in PostgreSQL
+            depth, i = 1, i + 2
+            while depth and i < n:
+                if text.startswith("/*", i):
+                    depth, i = depth + 1, i + 2
+                elif text.startswith("*/", i):
+                    depth, i = depth - 1, i + 2
+                else:
+                    i += 1
+        elif c in "'\"":
+            escapes = c == "'" and words and words[-1] == "E" and text[i - 1] in "eE"
+            if escapes:
+                words.pop()                             # E'...' is one literal, not a word
+            i += 1
+            while i < n:
+                if escapes and text[i] == "\\":
+                    i += 2
+                elif text[i] == c and text.startswith(c + c, i):
+                    i += 2
+                elif text[i] == c:
+                    break
+                else:
+                    i += 1
+            i += 1
+            words.append("<literal>")
+        elif c == "$" and DOLLAR.match(text, i):
+            tag_ = DOLLAR.match(text, i).group(0)
+            end = text.find(tag_, i + len(tag_))
+            i = n if end < 0 else end + len(tag_)
+            words.append("<literal>")
+        elif WORD.match(text, i):
+            word = WORD.match(text, i).group(0)
+            words.append(word.upper())
+            i += len(word)
+        else:
+            if not c.isspace():
+                words.append(c)
+            i += 1
+    if words:
+        found.append(words)
+    return found
+
+
+def is_the_command(words, tag):
+    """Does the statement begin with the command's own keywords (CREATE [UNIQUE] INDEX, CREATE
+    [UNLOGGED] TABLE, ALTER TABLE, ...)?"""
+    expected = tag.split()
+    if len(words) > 2 and words[0] == "CREATE" and words[1] in ("UNIQUE", "UNLOGGED"):
+        words = words[:1] + words[2:]
+    return words[:len(expected)] == expected
+
+
+found = statements(query)
+if len(found) != 1:
+    return "statements:%d" % len(found)
+if not is_the_command(found[0], tag):
+    return "inside"
+if tag in ("CREATE INDEX", "DROP INDEX") and "CONCURRENTLY" in found[0][:4]:
+    return "concurrently"
+# A slave's search_path starts with pg_catalog: an unqualified new table would be created there.
+words = [w for w in found[0] if w not in ("UNLOGGED", "IF", "NOT", "EXISTS")]
+if tag == "CREATE TABLE" and words[3:4] != ["."]:
+    return "unqualified"
+return "ok"
+$py$;
+COMMENT ON FUNCTION pyreplica.py_log_ddl_reading(text, text) IS 'pyreplica: is a query string exactly one statement of a command';
+
+-- Called by the event trigger functions only (SECURITY DEFINER themselves); returns the log id.
+CREATE OR REPLACE FUNCTION pyreplica.py_log_ddl_statement(tag text)
+RETURNS bigint
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    query   text := current_query();
+    reading text := pyreplica.py_log_ddl_reading(query, tag);
+    hint    text := 'Run the statement alone (one statement per query string), or log it yourself with '
+                    'SELECT py_log_sql(''...''), or turn the DDL capture off: SELECT pyreplica.set_option(''ddl'', ''off'');';
+    logged  bigint;
+BEGIN
+    IF reading LIKE 'statements:%' THEN
+        RAISE EXCEPTION 'pyreplica: ddl = on logs the text of % for the slaves, but this query string holds % statements, which would all run there',
+                        tag, split_part(reading, ':', 2) USING HINT = hint;
+    ELSIF reading = 'inside' THEN
+        RAISE EXCEPTION 'pyreplica: ddl = on cannot log this %: it ran inside another statement (a DO block or a function), whose text is not the % itself',
+                        tag, tag USING HINT = hint;
+    ELSIF reading = 'unqualified' THEN
+        RAISE EXCEPTION 'pyreplica: ddl = on needs the schema of a new table in CREATE TABLE (the slaves run it with search_path pg_catalog, public)'
+            USING HINT = 'Write CREATE TABLE public.name (...), or log it yourself with SELECT py_log_sql(''...''), or turn the DDL capture off: SELECT pyreplica.set_option(''ddl'', ''off'');';
+    ELSIF reading = 'concurrently' THEN
+        RAISE WARNING 'pyreplica: % CONCURRENTLY is not logged for the slaves (they replay inside a transaction, where it cannot run)', tag
+            USING HINT = format('Do it on the slaves too: SELECT py_log_sql_only(''%s ...''); (without CONCURRENTLY).', tag);
+        RETURN NULL;
+    ELSIF NOT (SELECT rolsuper FROM pg_roles WHERE rolname = session_user) THEN
+        RAISE EXCEPTION 'pyreplica: ddl = on logs only a superuser''s DDL of a captured table (the slaves run it as the daemon''s role); role % is not a superuser',
+                        session_user USING HINT = 'Have a superuser run it, or run it with SELECT py_log_sql(''...'') as a superuser.';
+    END IF;
+    INSERT INTO pyreplica.replica_log (txid, relname, op, sql)
+    VALUES (pg_current_xact_id(), NULL, 'S', query)
+    RETURNING id INTO logged;
+    -- Wake a sleeping daemon as the capture trigger does (docs/design.md §3 "Wake-up").
+    PERFORM pg_notify('replicas', '') WHERE CASE
+        WHEN current_setting('session_replication_role') = 'replica' THEN false
+        WHEN coalesce(current_setting('pyreplica.notify', true), '') = 'off' THEN false
+        ELSE NOT pg_try_advisory_xact_lock_shared(1887007333, 1) END;
+    RETURN logged;
+END
+$fn$;
+COMMENT ON FUNCTION pyreplica.py_log_ddl_statement(text) IS 'pyreplica: log the DDL statement an event trigger fired for (ddl = on)';
+
+-- capture_new_tables = on: capture a table just created (py_log_create_tg's checks and path); a
+-- table it cannot capture (no primary key, an inheritance child) gets a WARNING, not an error.
+-- Partitions follow their root (py_log_replica_ddl); pyreplica's own and temporary tables never.
+CREATE OR REPLACE FUNCTION pyreplica.py_log_capture_new(rel regclass)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    line text;
+    name text := (SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c
+                    JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel);
+BEGIN
+    IF EXISTS (SELECT FROM pg_class WHERE oid = rel AND (relispartition OR relpersistence = 't'))
+       OR pyreplica.py_log_is_own_table(rel) OR pyreplica.py_log_is_captured(rel) THEN
+        RETURN;
+    END IF;
+    line := pyreplica.py_log_create_tg(name);
+    IF line NOT LIKE 'created trigger on %' THEN
+        RAISE WARNING 'pyreplica: new table % is not captured (capture_new_tables = on): %', name, line
+            USING HINT = format('Give it a primary key, create it on every slave, then: SELECT py_log_create_tg(%L);', name);
+    END IF;
+END
+$fn$;
+COMMENT ON FUNCTION pyreplica.py_log_capture_new(regclass) IS 'pyreplica: capture a table just created (capture_new_tables)';
+
+-- After ALTER TABLE, CREATE TABLE, CREATE INDEX, ALTER INDEX: for every replicated table touched
+-- (a partition counts as its partitioned table, an index as its table), renew the column signature
+-- of its triggers and its partitions' triggers where it changed, so that every backend prepares a
+-- new capture query (a cached one would miss an added column), and put triggers on a partition
+-- just created or attached. A new inheritance child of a replicated table is refused (its rows
+-- would never be captured), and so is a new parent of one. With capture_new_tables on, a new table
+-- is captured; with ddl on, the statement is logged when it touched a captured table (unless
+-- py_log_sql runs it, or it is pyreplica's own ALTER TABLE ... ENABLE TRIGGER: they set
+-- pyreplica.skip_ddl_capture). Never fires while a daemon replays (session_replication_role =
+-- replica: the event triggers are ENABLE ORIGIN).
 CREATE OR REPLACE FUNCTION pyreplica.py_log_replica_ddl()
 RETURNS event_trigger
 LANGUAGE plpgsql
@@ -682,10 +876,12 @@ SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
-    root   regclass;
-    member regclass;
-    parent regclass;
-    child  regclass;
+    root     regclass;
+    member   regclass;
+    parent   regclass;
+    child    regclass;
+    created  regclass;
+    touched  boolean := false;
 BEGIN
     -- A new inheritance link touching a replicated table, either way round: a child's rows escape
     -- the parent's statement triggers, and so do rows of a replicated child changed through its parent.
@@ -703,11 +899,22 @@ BEGIN
         RAISE EXCEPTION 'pyreplica: table % is replicated and cannot inherit from another table (rows changed through the parent would not be replicated)', child
             USING HINT = 'Stop replicating it first: SELECT py_log_drop_tg(...);';
     END IF;
-    FOR root IN SELECT DISTINCT coalesce(pg_partition_root(objid), objid)::regclass
-                  FROM pg_event_trigger_ddl_commands()
-                 WHERE classid = 'pg_class'::regclass AND objsubid = 0
-                   AND objid IN (SELECT oid FROM pg_class WHERE relkind IN ('r', 'p')) LOOP
+    IF TG_TAG = 'CREATE TABLE' AND pyreplica.py_log_setting_on('capture_new_tables') THEN
+        FOR created IN SELECT d.objid FROM pg_event_trigger_ddl_commands() d JOIN pg_class c ON c.oid = d.objid
+                        WHERE d.classid = 'pg_class'::regclass AND d.objsubid = 0 AND d.command_tag = 'CREATE TABLE'
+                          AND c.relkind IN ('r', 'p') LOOP
+            PERFORM pyreplica.py_log_capture_new(created);
+        END LOOP;
+    END IF;
+    FOR root IN SELECT DISTINCT coalesce(pg_partition_root(t.rel), t.rel)::regclass
+                  FROM pg_event_trigger_ddl_commands() d
+                  JOIN pg_class c ON c.oid = d.objid
+                  LEFT JOIN pg_index i ON i.indexrelid = d.objid
+                  CROSS JOIN LATERAL (SELECT coalesce(i.indrelid, d.objid) AS rel) t
+                 WHERE d.classid = 'pg_class'::regclass AND d.objsubid = 0
+                   AND c.relkind IN ('r', 'p', 'i', 'I') LOOP
         CONTINUE WHEN NOT pyreplica.py_log_is_captured(root);
+        touched := true;
         FOR member IN SELECT pyreplica.py_log_members(root) LOOP
             IF NOT EXISTS (SELECT FROM pg_trigger
                             WHERE tgrelid = member AND tgfoid = 'pyreplica.py_log_replica()'::regprocedure
@@ -717,9 +924,58 @@ BEGIN
             END IF;
         END LOOP;
     END LOOP;
+    IF touched AND coalesce(current_setting('pyreplica.skip_ddl_capture', true), '') <> 'on'
+       AND pyreplica.py_log_setting_on('ddl') THEN
+        PERFORM pyreplica.py_log_ddl_statement(TG_TAG);
+    END IF;
 END
 $fn$;
-COMMENT ON FUNCTION pyreplica.py_log_replica_ddl() IS 'pyreplica: keep capture triggers right after ALTER/CREATE TABLE';
+COMMENT ON FUNCTION pyreplica.py_log_replica_ddl() IS 'pyreplica: keep capture triggers right after ALTER/CREATE TABLE, capture DDL';
+
+-- DROP INDEX and DROP TABLE (ddl = on). When sql_drop fires the objects are gone from the catalogs
+-- (pg_event_trigger_dropped_objects() names an index, not its table), so ddl_command_start notes
+-- first which relations are captured tables or their indexes, in pyreplica.ddl_dropping (session
+-- level: DROP INDEX CONCURRENTLY commits in between), and sql_drop logs the statement when it
+-- dropped one of them.
+CREATE OR REPLACE FUNCTION pyreplica.py_log_replica_ddl_start()
+RETURNS event_trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    IF pyreplica.py_log_setting_on('ddl') THEN
+        PERFORM set_config('pyreplica.ddl_dropping',
+                           (SELECT coalesce(array_agg(DISTINCT r), '{}')::text
+                              FROM pg_trigger t
+                              CROSS JOIN LATERAL (SELECT t.tgrelid UNION ALL
+                                                  SELECT indexrelid FROM pg_index WHERE indrelid = t.tgrelid) x(r)
+                             WHERE t.tgfoid = 'pyreplica.py_log_replica()'::regprocedure),
+                           false);
+    END IF;
+END
+$fn$;
+COMMENT ON FUNCTION pyreplica.py_log_replica_ddl_start() IS 'pyreplica: note the captured tables and their indexes before a DROP';
+
+CREATE OR REPLACE FUNCTION pyreplica.py_log_replica_ddl_drop()
+RETURNS event_trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    watched oid[] := coalesce(nullif(current_setting('pyreplica.ddl_dropping', true), ''), '{}')::oid[];
+BEGIN
+    PERFORM set_config('pyreplica.ddl_dropping', '', false);
+    IF coalesce(current_setting('pyreplica.skip_ddl_capture', true), '') <> 'on'
+       AND pyreplica.py_log_setting_on('ddl')
+       AND EXISTS (SELECT FROM pg_event_trigger_dropped_objects()
+                    WHERE classid = 'pg_class'::regclass AND objsubid = 0 AND objid = ANY (watched)) THEN
+        PERFORM pyreplica.py_log_ddl_statement(TG_TAG);
+    END IF;
+END
+$fn$;
+COMMENT ON FUNCTION pyreplica.py_log_replica_ddl_drop() IS 'pyreplica: log DROP INDEX/DROP TABLE of a captured table (ddl = on)';
 
 -- ---------------------------------------------------------------------------------------------
 -- An administrator's SQL (DDL to propagate): run here, and logged so every slave runs it too, in
@@ -734,8 +990,12 @@ LANGUAGE plpgsql
 AS $fn$
 DECLARE
     logged bigint;
+    flag   text := pg_catalog.current_setting('pyreplica.skip_ddl_capture', true);
 BEGIN
+    -- Logged once, below: the DDL capture (ddl = on) skips the statement it runs.
+    PERFORM pg_catalog.set_config('pyreplica.skip_ddl_capture', 'on', true);
     EXECUTE statement;
+    PERFORM pg_catalog.set_config('pyreplica.skip_ddl_capture', coalesce(flag, ''), true);
     INSERT INTO pyreplica.replica_log (txid, relname, op, sql)
     VALUES (pg_catalog.pg_current_xact_id(), NULL, 'S', statement)
     RETURNING id INTO logged;
@@ -1240,18 +1500,33 @@ $upgrade$;
 --   cascade  on: this database is a slave that feeds further slaves: its capture triggers are
 --            ENABLE ALWAYS, so the rows its daemon replays (session_replication_role = replica)
 --            are captured again. Off (default): ordinary triggers, nothing replayed is captured.
+--   ddl      on: the DDL event triggers log a superuser's ALTER TABLE, CREATE/ALTER/DROP INDEX and
+--            CREATE/DROP TABLE of a captured table, as its statement text, for every slave
+--            (README "Schema changes"). Off (default): DDL travels only through py_log_sql.
+--   capture_new_tables  on: a table created with a primary key is captured at once. Off (default).
 -- ---------------------------------------------------------------------------------------------
 DO $settings$
+DECLARE
+    -- Every setting's name; the CHECK is re-made when an older install's CHECK lacks one of them.
+    known text[] := ARRAY['cascade', 'ddl', 'capture_new_tables'];
 BEGIN
     IF to_regclass('pyreplica.settings') IS NULL THEN
         CREATE TABLE pyreplica.settings (
-            name       text        PRIMARY KEY CHECK (name IN ('cascade')),
+            name       text        PRIMARY KEY,
             value      text        NOT NULL,
             changed_at timestamptz NOT NULL DEFAULT now()
         );
         COMMENT ON TABLE pyreplica.settings IS 'pyreplica: this node''s settings (pyreplica.set_option)';
         REVOKE ALL ON pyreplica.settings FROM PUBLIC;
         GRANT SELECT ON pyreplica.settings TO pyreplica_daemon;
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_constraint
+                    WHERE conrelid = 'pyreplica.settings'::regclass AND conname = 'settings_name_check'
+                      AND (SELECT bool_and(pg_get_constraintdef(oid) LIKE '%' || k || '%')
+                             FROM unnest(known) k)) THEN
+        ALTER TABLE pyreplica.settings DROP CONSTRAINT IF EXISTS settings_name_check;
+        EXECUTE format('ALTER TABLE pyreplica.settings ADD CONSTRAINT settings_name_check CHECK (name = ANY (%L::text[]))',
+                       known);
     END IF;
 END
 $settings$;
@@ -1262,7 +1537,7 @@ LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
     SELECT coalesce((SELECT value FROM pyreplica.settings WHERE name = setting),
-                    CASE setting WHEN 'cascade' THEN 'off' END);
+                    CASE WHEN setting IN ('cascade', 'ddl', 'capture_new_tables') THEN 'off' END);
 $fn$;
 COMMENT ON FUNCTION pyreplica.option(text) IS 'pyreplica: a setting of this node, or its default';
 
@@ -1275,22 +1550,33 @@ AS $fn$
 DECLARE
     rel regclass;
     n   int := 0;
+    val text := lower(new_value);
 BEGIN
-    IF setting IS DISTINCT FROM 'cascade' THEN
-        RAISE EXCEPTION 'pyreplica: unknown setting "%"', setting USING HINT = 'Settings: cascade (on/off).';
-    ELSIF new_value IS NULL OR lower(new_value) NOT IN ('on', 'off') THEN
-        RAISE EXCEPTION 'pyreplica: setting cascade must be on or off, not "%"', new_value;
+    IF setting IS NULL OR setting NOT IN ('cascade', 'ddl', 'capture_new_tables') THEN
+        RAISE EXCEPTION 'pyreplica: unknown setting "%"', setting
+            USING HINT = 'Settings: cascade, ddl, capture_new_tables (each on or off).';
+    ELSIF val IS NULL OR val NOT IN ('on', 'off') THEN
+        RAISE EXCEPTION 'pyreplica: setting % must be on or off, not "%"', setting, new_value;
     END IF;
-    INSERT INTO pyreplica.settings (name, value) VALUES (setting, lower(new_value))
+    INSERT INTO pyreplica.settings (name, value) VALUES (setting, val)
     ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value, changed_at = now();
+    IF setting = 'ddl' THEN
+        RETURN format('ddl = %s (%s)', val,
+                      CASE val WHEN 'on' THEN 'a superuser''s ALTER TABLE, CREATE/ALTER/DROP INDEX and CREATE/DROP TABLE of a captured table are logged for every slave'
+                               ELSE 'DDL is not logged: run it on every slave, or through py_log_sql' END);
+    ELSIF setting = 'capture_new_tables' THEN
+        RETURN format('capture_new_tables = %s (%s)', val,
+                      CASE val WHEN 'on' THEN 'a table created with a primary key is captured at once'
+                               ELSE 'a new table is captured only by py_log_create_tg' END);
+    END IF;
     FOR rel IN SELECT DISTINCT tgrelid::regclass FROM pg_trigger
                 WHERE tgfoid = 'pyreplica.py_log_replica()'::regprocedure LOOP
         PERFORM pyreplica.py_log_enable_triggers(rel);
         n := n + 1;
     END LOOP;
-    RETURN format('cascade = %s (capture triggers of %s table(s) %s)', lower(new_value), n,
-                  CASE lower(new_value) WHEN 'on' THEN 'capture replayed rows too: ENABLE ALWAYS'
-                                        ELSE 'capture only this database''s own writes: ENABLE' END);
+    RETURN format('cascade = %s (capture triggers of %s table(s) %s)', val, n,
+                  CASE val WHEN 'on' THEN 'capture replayed rows too: ENABLE ALWAYS'
+                           ELSE 'capture only this database''s own writes: ENABLE' END);
 END
 $fn$;
 COMMENT ON FUNCTION pyreplica.set_option(text, text) IS 'pyreplica: change a setting of this node';
@@ -1441,16 +1727,24 @@ $follow$;
 
 -- (Re)created only when missing or different, so that running this script again changes nothing.
 DO $evt$
+DECLARE
+    e record;
 BEGIN
-    IF NOT EXISTS (SELECT FROM pg_event_trigger
-                    WHERE evtname = 'py_log_replica_ddl' AND evtevent = 'ddl_command_end'
-                      AND evtfoid = 'pyreplica.py_log_replica_ddl()'::regprocedure
-                      AND evttags = ARRAY['ALTER TABLE', 'CREATE TABLE']) THEN
-        DROP EVENT TRIGGER IF EXISTS py_log_replica_ddl;
-        CREATE EVENT TRIGGER py_log_replica_ddl ON ddl_command_end
-            WHEN TAG IN ('ALTER TABLE', 'CREATE TABLE')
-            EXECUTE FUNCTION pyreplica.py_log_replica_ddl();
-    END IF;
+    FOR e IN SELECT * FROM (VALUES
+            ('py_log_replica_ddl', 'ddl_command_end', 'pyreplica.py_log_replica_ddl()',
+             ARRAY['ALTER INDEX', 'ALTER TABLE', 'CREATE INDEX', 'CREATE TABLE']),
+            ('py_log_replica_ddl_start', 'ddl_command_start', 'pyreplica.py_log_replica_ddl_start()',
+             ARRAY['DROP INDEX', 'DROP TABLE']),
+            ('py_log_replica_ddl_drop', 'sql_drop', 'pyreplica.py_log_replica_ddl_drop()',
+             ARRAY['DROP INDEX', 'DROP TABLE'])) AS v(name, event, fn, tags) LOOP
+        IF NOT EXISTS (SELECT FROM pg_event_trigger
+                        WHERE evtname = e.name AND evtevent = e.event
+                          AND evtfoid = e.fn::regprocedure AND evttags = e.tags) THEN
+            EXECUTE format('DROP EVENT TRIGGER IF EXISTS %I', e.name);
+            EXECUTE format('CREATE EVENT TRIGGER %I ON %I WHEN TAG IN (%s) EXECUTE FUNCTION %s',
+                           e.name, e.event, (SELECT string_agg(quote_literal(t), ', ') FROM unnest(e.tags) t), e.fn);
+        END IF;
+    END LOOP;
 END
 $evt$;
 

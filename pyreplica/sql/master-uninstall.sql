@@ -25,6 +25,8 @@ BEGIN
         END LOOP;
     END IF;
     DROP EVENT TRIGGER IF EXISTS py_log_replica_ddl;
+    DROP EVENT TRIGGER IF EXISTS py_log_replica_ddl_start;
+    DROP EVENT TRIGGER IF EXISTS py_log_replica_ddl_drop;
     IF obj_description(to_regclass('public.replica_log'), 'pg_class') LIKE 'pyreplica:%' THEN
         DROP VIEW public.replica_log;
     END IF;
