@@ -21,7 +21,7 @@ import time
 import psycopg2
 import psycopg2.errors
 
-from . import MASTER_INSTALL_SQL, apply, master, sequences
+from . import MASTER_INSTALL_SQL, apply, faults, master, sequences
 from .db import ReplicaError, connect, fetch_one, refusal, safe_dsn
 from .sides import SLAVE_IDENTITY
 
@@ -77,6 +77,7 @@ def switchover(config, name, new_name, wait):
             print_next_steps(config, name, new_name)
             return 0
         fence(old, wait)
+        faults.point("switchover_after_fence")
         point = fetch_one(old, FENCE_POINT)
         print(f"master fenced: its captured tables are read-only; waiting for slave {name} to apply every "
               f"transaction up to {point}")
@@ -234,12 +235,14 @@ def reverse(old, new, new_name):
     install_master_side(new)
     if registration(new, new_name) is None:
         capture_and_register(old, new, new_name)
+        faults.point("switchover_after_register")
         print(f"the slave captures the master's tables and has the old master registered as slave {new_name}")
     apply.install(old)
     snapshot, batch_id = registration(new, new_name)[:2]
     if batch_id == 0:       # its daemon never confirmed a batch: the position is still ours to write
         with old.cursor() as cur:
             cur.execute(WRITE_POSITION, (new_name, snapshot))
+    faults.point("switchover_after_position")
 
 
 def install_master_side(new):
