@@ -39,19 +39,20 @@ class Writer(threading.Thread):
         self.committed, self.fenced, self.errors = 0, 0, []
 
     def run(self):
-        conn = self.db.connect()
+        conn = self.db.connect(autocommit=False)
+        table = "ev_low" if self.direct_partition else "ev"
         n = 0
         try:
             with conn.cursor() as cur:
                 while not self.stop_event.is_set():
                     n += 1
-                    try:
-                        cur.execute("INSERT INTO acc (v) VALUES (%s)", (f"w{n}",))
-                        table = "ev_low" if self.direct_partition else "ev"
-                        cur.execute(f"INSERT INTO {table} VALUES (%s, 'x') ON CONFLICT DO NOTHING",
-                                    (n + self.db.scalar("SELECT count(*) FROM ev"),))
+                    try:        # one transaction: both rows or neither
+                        cur.execute("INSERT INTO acc (v) VALUES (%s) RETURNING id", (f"w{n}",))
+                        cur.execute(f"INSERT INTO {table} VALUES (%s, 'x')", (cur.fetchone()[0],))
+                        conn.commit()
                         self.committed += 1
                     except psycopg2.Error as e:
+                        conn.rollback()
                         if FENCED in str(e):
                             self.fenced += 1
                         else:
@@ -103,6 +104,7 @@ def test_switchover_under_writes_then_reverse_then_back(replicated):
         assert slave.table_rows("acc") == master.table_rows("acc")
         assert slave.table_rows("ev") == master.table_rows("ev")
         assert slave.scalar("SELECT count(*) FROM acc") == 100 + sum(w.committed for w in writers)
+        assert slave.scalar("SELECT count(*) FROM ev") == 50 + sum(w.committed for w in writers)
         # the old daemon stops by itself: its registration is gone
         old_daemon.wait_for_output('slave "s1" is not registered on this master')
         assert old_daemon.proc.wait(30) == 1
