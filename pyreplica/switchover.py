@@ -37,6 +37,19 @@ SELECT gid FROM pg_catalog.pg_prepared_xacts
    AND prepared < pg_catalog.now() - %s::interval
  ORDER BY prepared
 """
+# (The next three run without parameters: their % are not doubled.)
+# What would make master-install.sql refuse the slave (it checks the same, and more, itself).
+PLPYTHON_AVAILABLE = "SELECT EXISTS (SELECT FROM pg_catalog.pg_available_extensions WHERE name = 'plpython3u')"
+NOT_SUPERUSER_OWNED = """
+SELECT pg_catalog.format('schema pyreplica (owner %s)', n.nspowner::regrole)
+  FROM pg_catalog.pg_namespace n JOIN pg_catalog.pg_roles r ON r.oid = n.nspowner
+ WHERE n.nspname = 'pyreplica' AND NOT r.rolsuper
+UNION ALL
+SELECT pg_catalog.format('%s (owner %s)', c.oid::regclass, c.relowner::regrole)
+  FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+  JOIN pg_catalog.pg_roles r ON r.oid = c.relowner
+ WHERE n.nspname = 'pyreplica' AND NOT r.rolsuper
+"""
 REGISTRATION = """
 SELECT confirmed::text, batch_id, slave_system_id, slave_database
   FROM pyreplica.replica_slaves WHERE name = %s
@@ -49,7 +62,7 @@ COVERS = "SELECT pyreplica.snapshot_covers(%s::pg_snapshot, %s::pg_snapshot)"
 NUDGE = "SELECT pg_catalog.pg_notify(%s, '')"       # wakes the slave's sleeping daemon
 CREATE_TG = "SELECT pyreplica.py_log_create_tg(%s)"
 REQUESTED_SEQUENCES = """
-SELECT pg_catalog.format('%%I.%%I', n.nspname, c.relname)
+SELECT pg_catalog.format('%I.%I', n.nspname, c.relname)
   FROM pyreplica.replica_sequences r
   JOIN pg_catalog.pg_class c ON c.oid = r.seq
   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
@@ -138,11 +151,26 @@ def check(old, new, name, new_name):
             raise ReplicaError(f"pyreplica transaction {in_doubt[0]} is prepared (in doubt) on the {side}: settle "
                                f"it first (pyreplica recover MASTER SLAVE --name {name}), then run switchover "
                                f"again", side)
+    if not fetch_one(new, HAS_FENCE):
+        check_master_install(new)
     missing = [t.qualified for t in captured_roots(old) if not fetch_one(new, TABLE_EXISTS, (t.qualified,))]
     if missing:
         raise ReplicaError(f"the slave lacks {', '.join(missing[:5])}, which the master captures: switchover needs "
                            f"every captured table on the slave (create it there, or stop capturing it)", "slave")
     return {"done": False}
+
+
+def check_master_install(new):
+    """What master-install.sql would refuse on the slave, said before the master is fenced."""
+    if not fetch_one(new, PLPYTHON_AVAILABLE):
+        raise ReplicaError("the slave's server has no PL/Python (plpython3u), which the master side needs: install "
+                           "postgresql-plpython3-NN there, then run switchover again", "slave")
+    foreign = [row[0] for row in rows(new, NOT_SUPERUSER_OWNED)]
+    if foreign:
+        raise ReplicaError(f"master-install.sql would refuse the slave: {', '.join(foreign[:3])} belong(s) to a role "
+                           f"that is not a superuser; install the master side there yourself first "
+                           f"(psql SLAVE -f master-install.sql as a superuser, README \"Security\"), then run "
+                           f"switchover again", "slave")
 
 
 def identity(conn):

@@ -141,9 +141,12 @@ def test_switchover_under_writes_then_reverse_then_back(replicated):
 
 def test_switchover_without_daemon_times_out_fenced_then_completes(replicated):
     master, slave = replicated
+    for db in (master, slave):
+        db.execute("CREATE SEQUENCE tickets")
+    assert master.scalar("SELECT py_log_create_seq('tickets')") == "following sequence public.tickets"
     with Daemon(master, slave, name="s1"):
         wait_identical(master, slave, TABLES)
-    master.execute("INSERT INTO acc (v) VALUES ('tail')")      # committed, not applied: no daemon
+    master.execute("INSERT INTO acc (v) VALUES ('tail'); SELECT setval('tickets', 77)")   # no daemon: not applied
     code, out, err = switchover(master, slave, "s1", "m1", "--wait", "3")
     assert code == 1, out + err
     assert ("slave s1 has not applied the master's last transactions within 3 s (is its daemon running? "
@@ -156,6 +159,8 @@ def test_switchover_without_daemon_times_out_fenced_then_completes(replicated):
         code, out, err = switchover(master, slave, "s1", "m1")
         assert code == 0, out + err
     assert slave.scalar("SELECT count(*) FROM acc WHERE v = 'tail'") == 1
+    assert slave.scalar("SELECT last_value FROM tickets") == 77
+    assert slave.scalar("SELECT count(*) FROM pyreplica.replica_sequences WHERE rel = 0") == 1   # still followed
     with Daemon(slave, master, name="m1"):
         slave.execute("INSERT INTO acc (v) VALUES ('new master')")
         wait_identical(slave, master, TABLES)
@@ -195,6 +200,11 @@ def test_switchover_refuses_before_changing_anything(replicated):
         code, out, err = run_cli("switchover", master.dsn, plain, "--name", "s1")
         assert code == 1
         assert "switchover needs a superuser on both servers" in err and "role sw_plain on the slave" in err
+        slave.execute("ALTER SCHEMA pyreplica OWNER TO sw_plain")
+        code, out, err = switchover(master, slave, "s1", "m1")
+        assert code == 1
+        assert "master-install.sql would refuse the slave: schema pyreplica (owner sw_plain)" in err
+        slave.execute("ALTER SCHEMA pyreplica OWNER TO postgres")
     finally:
         slave.cluster.execute("DROP ROLE sw_plain")
     slave.execute("DROP TABLE ev")
