@@ -49,6 +49,11 @@ SELECT pg_catalog.format('%s (owner %s)', c.oid::regclass, c.relowner::regrole)
   FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
   JOIN pg_catalog.pg_roles r ON r.oid = c.relowner
  WHERE n.nspname = 'pyreplica' AND NOT r.rolsuper
+UNION ALL
+SELECT pg_catalog.format('function %s (owner %s)', p.oid::regprocedure, p.proowner::regrole)
+  FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+  JOIN pg_catalog.pg_roles r ON r.oid = p.proowner
+ WHERE n.nspname = 'pyreplica' AND NOT r.rolsuper
 """
 REGISTRATION = """
 SELECT confirmed::text, batch_id, slave_system_id, slave_database
@@ -167,10 +172,10 @@ def check_master_install(new):
                            "postgresql-plpython3-NN there, then run switchover again", "slave")
     foreign = [row[0] for row in rows(new, NOT_SUPERUSER_OWNED)]
     if foreign:
-        raise ReplicaError(f"master-install.sql would refuse the slave: {', '.join(foreign[:3])} belong(s) to a role "
-                           f"that is not a superuser; install the master side there yourself first "
-                           f"(psql SLAVE -f master-install.sql as a superuser, README \"Security\"), then run "
-                           f"switchover again", "slave")
+        raise ReplicaError(f"master-install.sql would refuse the slave: {', '.join(foreign)} belong(s) to a role "
+                           f"that is not a superuser (a least-privilege slave); hand them to a superuser first "
+                           f"(ALTER ... OWNER TO postgres, then GRANT the daemon's role what it needs: README "
+                           f"\"Switchover\"), then run switchover again", "slave")
 
 
 def identity(conn):
