@@ -22,7 +22,8 @@ import psycopg2
 import psycopg2.errors
 
 from . import MASTER_INSTALL_SQL, apply, faults, master, sequences
-from .db import ReplicaError, connect, fetch_one, refusal, safe_dsn
+from .apply import ApplyError
+from .db import ConnectionLost, ReplicaError, connect, fetch_one, first_line, refusal, safe_dsn
 from .sides import SLAVE_IDENTITY
 
 IS_SUPERUSER = "SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user"
@@ -88,26 +89,46 @@ DROP_LOCK_WAIT = "5s"
 
 def switchover(config, name, new_name, wait):
     with two_sides(config) as (old, new):
-        state = check(old, new, name, new_name)
-        if state["done"]:
+        with failing_as("nothing was changed"):
+            done = check(old, new, name, new_name)
+        if done:
             print(f"switchover already done: slave {new_name} (the old master) is registered on the new master "
                   f"and {name} no longer on the old one")
             print_next_steps(config, name, new_name)
             return 0
-        fence(old, wait)
+        with failing_as("fencing the master failed, nothing was changed; run switchover again"):
+            fence(old, wait)
         faults.point("switchover_after_fence")
-        point = fetch_one(old, FENCE_POINT)
-        print(f"master fenced: its captured tables are read-only; waiting for slave {name} to apply every "
-              f"transaction up to {point}")
-        wait_until_applied(old, new, name, point, wait)
-        moved = raise_sequences(old, new)
-        print(f"slave {name} has every transaction of the master; {len(moved)} sequence(s) moved up to the master's")
-        reverse(old, new, new_name)
-        drop_old_registration(old, name, wait)
+        with failing_as(f"the master stays fenced (read-only): run switchover again, or undo the fence: "
+                        f"psql {old.info.dbname} -c 'SELECT pyreplica.fence(false)'"):
+            point = fetch_one(old, FENCE_POINT)
+            print(f"master fenced: its captured tables are read-only; waiting for slave {name} to apply every "
+                  f"transaction up to {point}", flush=True)
+            wait_until_applied(old, new, name, point, wait)
+            moved = raise_sequences(old, new)
+        print(f"slave {name} has every transaction of the master; {len(moved)} sequence(s) moved up to the "
+              f"master's", flush=True)
+        # from here on the slave may be set up as the master already: the fence must stay
+        with failing_as("the master stays fenced and the direction may be half reversed: run switchover again "
+                        "to finish it (do not undo the fence)"):
+            reverse(old, new, new_name)
+            drop_old_registration(old, name, wait)
     print(f"switchover done: the slave is the master now, the old master its slave {new_name} (fenced: its own "
           f"writes fail)")
     print_next_steps(config, name, new_name)
     return 0
+
+
+@contextlib.contextmanager
+def failing_as(state):
+    """A server's error (or a lost connection) during a step becomes one line that says what state
+    things are in and what to run."""
+    try:
+        yield
+    except (psycopg2.Error, ApplyError) as e:
+        raise ReplicaError(f"{first_line(e) if isinstance(e, psycopg2.Error) else e}: {state}") from None
+    except ConnectionLost as e:
+        raise ReplicaError(f"{e}: {state}") from None
 
 
 @contextlib.contextmanager
@@ -122,7 +143,7 @@ def two_sides(config):
 
 # -- check ------------------------------------------------------------------------------------------
 def check(old, new, name, new_name):
-    """Refuse, changing nothing, what switchover cannot finish. {"done": True} when it is done already."""
+    """Refuse, changing nothing, what switchover cannot finish. True when it is done already."""
     for conn, side in ((old, "master"), (new, "slave")):
         if not fetch_one(conn, IS_SUPERUSER):
             raise ReplicaError(f"switchover needs a superuser on both servers (it fences the master and installs "
@@ -141,7 +162,7 @@ def check(old, new, name, new_name):
     old_registration = registration(old, name)
     if old_registration is None:
         if new_registration is not None:
-            return {"done": True}
+            return True
         raise ReplicaError(f"no slave named {name} is registered on the master: give the slave's name with --name "
                            f"(pyreplica status MASTER lists them)", "master")
     if tuple(old_registration[2:]) not in ((None, None), identity(new)):
@@ -162,7 +183,7 @@ def check(old, new, name, new_name):
     if missing:
         raise ReplicaError(f"the slave lacks {', '.join(missing[:5])}, which the master captures: switchover needs "
                            f"every captured table on the slave (create it there, or stop capturing it)", "slave")
-    return {"done": False}
+    return False
 
 
 def check_master_install(new):
