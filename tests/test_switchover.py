@@ -225,6 +225,13 @@ def test_fence_sql(master):
                              ("DELETE FROM ev", "ev"), ("TRUNCATE acc", "acc"),
                              ("INSERT INTO ev_low VALUES (1, 'x')", "ev_low")):
         assert error_of(master, statement)[0] == fence_message(table), statement
+    # an application's role, with no right on pyreplica's objects, gets the same message
+    master.execute("DROP ROLE IF EXISTS sw_app; CREATE ROLE sw_app; GRANT INSERT ON acc TO sw_app;"
+                   "GRANT USAGE ON SEQUENCE acc_id_seq TO sw_app")
+    try:
+        assert error_of(master, "SET ROLE sw_app; INSERT INTO acc (v) VALUES ('x')")[0] == fence_message("acc")
+    finally:
+        master.execute("REVOKE ALL ON acc FROM sw_app; REVOKE ALL ON SEQUENCE acc_id_seq FROM sw_app; DROP ROLE sw_app")
     # a daemon replaying into this node is not fenced
     master.execute("SET session_replication_role = replica; INSERT INTO acc (v) VALUES ('replayed')")
     # a table captured, or a partition created, on a fenced node is fenced too

@@ -1494,6 +1494,8 @@ $fn$;
 COMMENT ON FUNCTION pyreplica.py_log_is_fenced() IS 'pyreplica: is this node fenced (switched over)';
 
 -- The fence trigger: every statement that would write a fenced table fails, naming what to do.
+-- It runs as the writer, who has no right on pyreplica's schema or functions: it calls none (the
+-- table's name as py_log_display writes it, from the trigger's own variables).
 CREATE OR REPLACE FUNCTION pyreplica.py_log_fence()
 RETURNS trigger
 LANGUAGE plpgsql
@@ -1501,7 +1503,8 @@ SET search_path = pg_catalog, pg_temp
 AS $fn$
 BEGIN
     RAISE EXCEPTION 'pyreplica: % is read-only: this database was switched over and is a slave now',
-                    pyreplica.py_log_display(TG_RELID)
+                    CASE WHEN TG_TABLE_SCHEMA = 'public' THEN quote_ident(TG_TABLE_NAME)
+                         ELSE format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME) END
         USING ERRCODE = 'read_only_sql_transaction',
               HINT = 'Write on the new master. To make this database writable again (only once no daemon replicates into it): SELECT pyreplica.fence(false);';
 END
