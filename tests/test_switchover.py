@@ -5,6 +5,8 @@ import threading
 import psycopg2
 import pytest
 
+import pyreplica
+
 from replication import Daemon, create_on_both, run_cli, wait_identical, wait_until
 
 SCHEMA = """
@@ -243,3 +245,75 @@ def test_fence_sql(master):
     assert master.scalar("SELECT pyreplica.fence(false)") == "unfenced: 6 table(s) writable again"
     master.execute("INSERT INTO acc (v) VALUES ('x'); INSERT INTO later VALUES (1); TRUNCATE ev")
     assert master.scalar("SELECT pyreplica.fence(false)") == "unfenced: 0 table(s) writable again"
+    # master-uninstall.sql takes a fence with it
+    assert master.scalar("SELECT pyreplica.fence(true)").startswith("fenced: 6 more")
+    master.psql("-f", pyreplica.MASTER_UNINSTALL_SQL)
+    assert master.scalar("SELECT count(*) FROM pg_trigger WHERE tgname = 'py_log_fence'") == 0
+    master.execute("INSERT INTO acc (v) VALUES ('uninstalled')")
+
+
+LEAST_PRIVILEGE_SLAVE = """
+CREATE ROLE {role} LOGIN;
+CREATE SCHEMA pyreplica AUTHORIZATION {role};
+GRANT SET ON PARAMETER session_replication_role TO {role};
+GRANT USAGE ON SCHEMA public TO {role};
+GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON public.t TO {role};
+"""
+# README "Switchover": a least-privilege slave's schema handed to a superuser, its daemon keeps its rights
+HAND_OVER = """
+ALTER SCHEMA pyreplica OWNER TO postgres;
+ALTER TABLE pyreplica.position OWNER TO postgres;
+ALTER TABLE pyreplica.skip_requests OWNER TO postgres;
+ALTER FUNCTION pyreplica.apply_events(bigint[], text[], text[], text[], int[]) OWNER TO postgres;
+GRANT USAGE ON SCHEMA pyreplica TO {role};
+GRANT SELECT, INSERT, UPDATE ON pyreplica.position, pyreplica.skip_requests TO {role};
+"""
+# README "Switchover": after it, the daemon's role on the new master and on the new slave
+NEW_MASTER_GRANTS = "GRANT pyreplica_daemon TO {role}"
+NEW_SLAVE_GRANTS = """
+GRANT SELECT, INSERT, UPDATE ON pyreplica.position, pyreplica.skip_requests TO {role};
+GRANT SET ON PARAMETER session_replication_role TO {role};
+GRANT USAGE ON SCHEMA public TO {role};
+GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON public.t TO {role};
+"""
+
+
+def test_least_privilege_daemons_as_the_readme_says(master, slave):
+    from psycopg2 import sql
+    role = "sw_repl"
+
+    def run(db, text):
+        db.execute(sql.SQL(text).format(role=sql.Identifier(role)))
+
+    class As:
+        def __init__(self, db):
+            self.dsn = db.cluster.dsn(db.name, user=role)
+
+    create_on_both(master, slave, "CREATE TABLE t (id int PRIMARY KEY, v text)", ["t"])
+    for db in (master, slave):
+        db.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+    try:
+        run(master, "CREATE ROLE {role} LOGIN; GRANT pyreplica_daemon TO {role}")
+        run(slave, LEAST_PRIVILEGE_SLAVE)
+        master.execute("INSERT INTO t VALUES (1, 'a')")
+        with Daemon(As(master), As(slave), name="s1"):
+            wait_identical(master, slave, ["t"])
+            code, out, err = switchover(master, slave, "s1", "m1")
+            assert code == 1 and "schema pyreplica (owner sw_repl)" in err, out + err
+            run(slave, HAND_OVER)
+            master.execute("INSERT INTO t VALUES (2, 'b')")
+            code, out, err = switchover(master, slave, "s1", "m1")
+            assert code == 0, out + err
+        run(slave, NEW_MASTER_GRANTS)
+        run(master, NEW_SLAVE_GRANTS)
+        with Daemon(As(slave), As(master), name="m1") as daemon:
+            slave.execute("INSERT INTO t VALUES (3, 'c'); UPDATE t SET v = 'A' WHERE id = 1")
+            try:
+                wait_identical(slave, master, ["t"])
+            except AssertionError as e:
+                raise AssertionError(f"{e}\n{daemon.output}") from None
+        assert master.table_rows("t") == [("(1,A)",), ("(2,b)",), ("(3,c)",)]
+    finally:
+        for db in (master, slave):
+            db.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+            db.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
