@@ -144,18 +144,39 @@ def two_sides(config):
 # -- check ------------------------------------------------------------------------------------------
 def check(old, new, name, new_name):
     """Refuse, changing nothing, what switchover cannot finish. True when it is done already."""
+    check_superusers(old, new)
+    master.require_installed(old)
+    if not fetch_one(old, HAS_FENCE):
+        raise ReplicaError(f"the master's pyreplica install predates switchover: run `psql {old.info.dbname} -f "
+                           f"master-install.sql` on it as a superuser, then run switchover again", "master")
+    if check_registrations(old, new, name, new_name):
+        return True
+    if not fetch_one(new, HAS_POSITION):
+        raise ReplicaError(f"the slave has no pyreplica position: its daemon never ran; start `pyreplica run` for "
+                           f"slave {name} first", "slave")
+    check_nothing_in_doubt(old, new, name)
+    if not fetch_one(new, HAS_FENCE):
+        check_master_install(new)
+    missing = [t.qualified for t in captured_roots(old) if not fetch_one(new, TABLE_EXISTS, (t.qualified,))]
+    if missing:
+        raise ReplicaError(f"the slave lacks {', '.join(missing[:5])}, which the master captures: switchover needs "
+                           f"every captured table on the slave (create it there, or stop capturing it)", "slave")
+    return False
+
+
+def check_superusers(old, new):
     for conn, side in ((old, "master"), (new, "slave")):
         if not fetch_one(conn, IS_SUPERUSER):
             raise ReplicaError(f"switchover needs a superuser on both servers (it fences the master and installs "
                                f"the master side on the slave): role {conn.info.user} on the {side} is not one; "
                                f"connect as postgres", side)
-    master.require_installed(old)
-    if not fetch_one(old, HAS_FENCE):
-        raise ReplicaError(f"the master's pyreplica install predates switchover: run `psql {old.info.dbname} -f "
-                           f"master-install.sql` on it as a superuser, then run switchover again", "master")
-    old_identity = identity(old)
+
+
+def check_registrations(old, new, name, new_name):
+    """`name` registered on the master for this slave, `new_name` free on the slave (or this old
+    master's). True when the switchover is done: `name` gone, `new_name` registered."""
     new_registration = registration(new, new_name) if fetch_one(new, HAS_FENCE) else None
-    if new_registration and tuple(new_registration[2:]) not in ((None, None), old_identity):
+    if new_registration and tuple(new_registration[2:]) not in ((None, None), identity(old)):
         raise ReplicaError(f"slave name {new_name} is already registered on the slave for another database "
                            f"({new_registration[3]} of server {new_registration[2]}): give the old master another "
                            f"name with --new-name", "slave")
@@ -168,22 +189,17 @@ def check(old, new, name, new_name):
     if tuple(old_registration[2:]) not in ((None, None), identity(new)):
         raise ReplicaError(f"slave {name} on the master is database {old_registration[3]} of server "
                            f"{old_registration[2]}, not this SLAVE: check the connection string or --name", "slave")
-    if not fetch_one(new, HAS_POSITION):
-        raise ReplicaError(f"the slave has no pyreplica position: its daemon never ran; start `pyreplica run` for "
-                           f"slave {name} first", "slave")
+    return False
+
+
+def check_nothing_in_doubt(old, new, name):
+    """A running daemon's batch is prepared for milliseconds; one prepared for longer is in doubt."""
     for conn, side in ((old, "master"), (new, "slave")):
         in_doubt = [row[0] for row in rows(conn, IN_DOUBT, (IN_DOUBT_AFTER,))]
         if in_doubt:
             raise ReplicaError(f"pyreplica transaction {in_doubt[0]} is prepared (in doubt) on the {side}: settle "
                                f"it first (pyreplica recover MASTER SLAVE --name {name}), then run switchover "
                                f"again", side)
-    if not fetch_one(new, HAS_FENCE):
-        check_master_install(new)
-    missing = [t.qualified for t in captured_roots(old) if not fetch_one(new, TABLE_EXISTS, (t.qualified,))]
-    if missing:
-        raise ReplicaError(f"the slave lacks {', '.join(missing[:5])}, which the master captures: switchover needs "
-                           f"every captured table on the slave (create it there, or stop capturing it)", "slave")
-    return False
 
 
 def check_master_install(new):

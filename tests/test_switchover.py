@@ -1,6 +1,7 @@
 """`pyreplica switchover` (docs/design.md §8): fence the master, let the slave's daemon apply the tail,
 reverse the direction; nothing a writer committed is lost, the old master refuses its own writes."""
 import threading
+import time
 
 import psycopg2
 import pytest
@@ -209,6 +210,18 @@ def test_switchover_refuses_before_changing_anything(replicated):
         slave.execute("ALTER SCHEMA pyreplica OWNER TO postgres")
     finally:
         slave.cluster.execute("DROP ROLE sw_plain")
+    gid = "pyreplica:s1:999:slave:tok:abc"
+    with slave.connect(autocommit=False) as conn, conn.cursor() as cur:
+        cur.execute("SELECT 1")
+        cur.execute(f"PREPARE TRANSACTION '{gid}'")
+    try:
+        time.sleep(5.5)         # a batch prepared for longer than a moment is in doubt
+        code, out, err = switchover(master, slave, "s1", "m1")
+        assert code == 1
+        assert (f"pyreplica transaction {gid} is prepared (in doubt) on the slave: settle it first (pyreplica "
+                f"recover MASTER SLAVE --name s1), then run switchover again") in err
+    finally:
+        slave.execute(f"ROLLBACK PREPARED '{gid}'")
     slave.execute("DROP TABLE ev")
     code, out, err = switchover(master, slave, "s1", "m1")
     assert code == 1
