@@ -75,6 +75,14 @@ def build_parser():
                                           help="how long to wait for the slave's daemon to reach the copy's point "
                                                "(default 300)")
 
+    switch = sub.add_parser("switchover", help="planned role swap: the slave becomes the master, the master its "
+                                               "slave, no transaction lost")
+    add_server_args(switch)
+    switch.add_argument("--new-name", help="the old master's name as a slave of the new master (default: its "
+                                           "database name)")
+    switch.add_argument("--wait", type=float, default=60.0, metavar="SECONDS",
+                        help="how long to wait for the slave to apply the master's last transactions (default 60)")
+
     sub.add_parser("demo", help="two throw-away clusters: install, write, replicate, status, compare")
 
     from .daemon import add_arguments as add_service_arguments
@@ -201,6 +209,14 @@ def cmd_remove_table(args):
     return remove_table(*tables_and_config(args))
 
 
+def cmd_switchover(args):
+    from .switchover import switchover
+    config = load_config(args)
+    reversed_config = configuration.from_args(config.DSN1, config.DSN0)    # new master -> new slave
+    return switchover(config, configuration.slave_name(config, args.name),
+                      configuration.slave_name(reversed_config, args.new_name), args.wait)
+
+
 def cmd_demo(args):
     from .demo import demo
     return demo()
@@ -214,7 +230,8 @@ def cmd_service(args):
 COMMANDS = {"run": cmd_run, "clone": cmd_clone, "drop-slave": cmd_drop_slave, "register": cmd_register,
             "recover": cmd_recover, "skip-event": cmd_skip_event, "status": cmd_status,
             "compare": cmd_compare, "repair": cmd_repair, "add-table": cmd_add_table,
-            "remove-table": cmd_remove_table, "demo": cmd_demo, "service": cmd_service}
+            "remove-table": cmd_remove_table, "switchover": cmd_switchover, "demo": cmd_demo,
+            "service": cmd_service}
 
 
 def main(argv=None):

@@ -11,7 +11,8 @@ _SPEC = os.environ.get("PYREPLICA_TEST_FAULT", "")
 _NAME, _, _NTH = _SPEC.partition(":")
 _seen = 0
 
-POINTS = ("before_slave_prepare", "after_slave_prepare", "after_master_prepare", "after_slave_commit")
+POINTS = ("before_slave_prepare", "after_slave_prepare", "after_master_prepare", "after_slave_commit",
+          "switchover_after_fence", "switchover_after_register", "switchover_after_position")
 
 
 def point(name):

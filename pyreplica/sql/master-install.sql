@@ -552,6 +552,12 @@ BEGIN
         INSERT INTO pyreplica.replica_sequences (seq, rel)
         SELECT DISTINCT pyreplica.py_log_table_sequences(rel), rel ON CONFLICT DO NOTHING;
     END IF;
+    -- a table captured on a fenced (switched-over) node is fenced too (NULL during an upgrade)
+    IF to_regclass('pyreplica.fenced') IS NOT NULL THEN
+        IF pyreplica.py_log_is_fenced() THEN
+            PERFORM pyreplica.py_log_fence_table(rel);
+        END IF;
+    END IF;
     RETURN pkcols;
 END
 $fn$;
@@ -1747,6 +1753,139 @@ BEGIN
     END LOOP;
 END
 $evt$;
+
+-- ---------------------------------------------------------------------------------------------
+-- The fence (pyreplica switchover, docs/design.md §8): a switched-over master becomes a slave and
+-- must take no more writes of its own. pyreplica.fence(true) puts a BEFORE ... FOR EACH STATEMENT
+-- trigger py_log_fence on every captured table (partitions too: a row written straight into a
+-- partition fires only that partition's statement triggers) that refuses INSERT, UPDATE, DELETE
+-- and TRUNCATE. It is ENABLE (origin only): the daemon replaying into this node
+-- (session_replication_role = replica) is not fenced. CREATE TRIGGER waits for the writers in
+-- flight (SHARE ROW EXCLUSIVE against their ROW EXCLUSIVE), so once fence(true) has committed no
+-- write to a captured table can commit any more. A table captured later on a fenced node (by
+-- py_log_create_tg, or a new partition) is fenced too: py_log_add_triggers asks py_log_is_fenced.
+-- pyreplica.fenced remembers that the node is fenced and the first snapshot taken after the fence
+-- (fence_point), so a switchover run again waits for the same point.
+-- ---------------------------------------------------------------------------------------------
+DO $fence$
+BEGIN
+    IF to_regclass('pyreplica.fenced') IS NULL THEN
+        CREATE TABLE pyreplica.fenced (
+            one       boolean      PRIMARY KEY DEFAULT true CHECK (one),    -- at most one row
+            fenced_at timestamptz  NOT NULL DEFAULT now(),
+            fenced_by name         NOT NULL DEFAULT session_user,
+            point     pg_snapshot                  -- first snapshot after the fence (fence_point)
+        );
+        COMMENT ON TABLE pyreplica.fenced IS 'pyreplica: this node is fenced (read-only) since a switchover';
+        REVOKE ALL ON pyreplica.fenced FROM PUBLIC;
+        GRANT SELECT ON pyreplica.fenced TO pyreplica_daemon;
+    END IF;
+END
+$fence$;
+
+CREATE OR REPLACE FUNCTION pyreplica.py_log_is_fenced()
+RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT EXISTS (SELECT FROM pyreplica.fenced);
+$fn$;
+COMMENT ON FUNCTION pyreplica.py_log_is_fenced() IS 'pyreplica: is this node fenced (switched over)';
+
+-- The fence trigger: every statement that would write a fenced table fails, naming what to do.
+-- It runs as the writer, who has no right on pyreplica's schema or functions: it calls none (the
+-- table's name as py_log_display writes it, from the trigger's own variables).
+CREATE OR REPLACE FUNCTION pyreplica.py_log_fence()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    RAISE EXCEPTION 'pyreplica: % is read-only: this database was switched over and is a slave now',
+                    CASE WHEN TG_TABLE_SCHEMA = 'public' THEN quote_ident(TG_TABLE_NAME)
+                         ELSE format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME) END
+        USING ERRCODE = 'read_only_sql_transaction',
+              HINT = 'Write on the new master. To make this database writable again (only once no daemon replicates into it): SELECT pyreplica.fence(false);';
+END
+$fn$;
+COMMENT ON FUNCTION pyreplica.py_log_fence() IS 'pyreplica: refuse writes on a fenced (switched-over) table';
+
+-- Put the fence trigger on one table, unless it is there already.
+CREATE OR REPLACE FUNCTION pyreplica.py_log_fence_table(rel regclass)
+RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    IF EXISTS (SELECT FROM pg_trigger WHERE tgrelid = rel AND tgfoid = 'pyreplica.py_log_fence()'::regprocedure) THEN
+        RETURN false;
+    END IF;
+    EXECUTE format('CREATE TRIGGER py_log_fence BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON %s '
+                   'FOR EACH STATEMENT EXECUTE FUNCTION pyreplica.py_log_fence()', rel);
+    RETURN true;
+END
+$fn$;
+COMMENT ON FUNCTION pyreplica.py_log_fence_table(regclass) IS 'pyreplica: fence one table';
+
+-- fence(true): fence every captured table and remember it; fence(false): remove every fence
+-- trigger (whatever table carries it: one captured once and dropped since too) and forget it.
+-- Running it again changes nothing. A line saying what it did.
+CREATE OR REPLACE FUNCTION pyreplica.fence("on" boolean)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    fence_on ALIAS FOR $1;
+    rel      regclass;
+    t        record;
+    n        int := 0;
+BEGIN
+    IF fence_on IS NULL THEN
+        RAISE EXCEPTION 'pyreplica: fence(true) or fence(false), not fence(NULL)';
+    END IF;
+    IF NOT fence_on THEN
+        FOR t IN SELECT tgname, tgrelid::regclass AS rel FROM pg_trigger
+                  WHERE tgfoid = 'pyreplica.py_log_fence()'::regprocedure ORDER BY tgrelid LOOP
+            EXECUTE format('DROP TRIGGER %I ON %s', t.tgname, t.rel);
+            n := n + 1;
+        END LOOP;
+        DELETE FROM pyreplica.fenced;
+        RETURN format('unfenced: %s table(s) writable again', n);
+    END IF;
+    INSERT INTO pyreplica.fenced DEFAULT VALUES ON CONFLICT (one) DO NOTHING;
+    -- in oid order, as every run takes its locks: two fences never deadlock each other
+    FOR rel IN SELECT DISTINCT tgrelid::regclass FROM pg_trigger
+                WHERE tgfoid = 'pyreplica.py_log_replica()'::regprocedure ORDER BY 1 LOOP
+        IF pyreplica.py_log_fence_table(rel) THEN
+            n := n + 1;
+        END IF;
+    END LOOP;
+    RETURN format('fenced: %s more table(s) read-only, %s in all', n,
+                  (SELECT count(*) FROM pg_trigger WHERE tgfoid = 'pyreplica.py_log_fence()'::regprocedure));
+END
+$fn$;
+COMMENT ON FUNCTION pyreplica.fence(boolean) IS 'pyreplica: make every captured table read-only (switchover), or writable again';
+
+-- The point a switchover waits for its slave to reach: the first snapshot taken after the fence
+-- committed (recorded by the first call, so a switchover run again waits for the same point).
+-- Call it in a transaction of its own after fence(true) committed.
+CREATE OR REPLACE FUNCTION pyreplica.fence_point()
+RETURNS pg_snapshot
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    at pg_snapshot;
+BEGIN
+    UPDATE pyreplica.fenced SET point = coalesce(point, pg_current_snapshot()) RETURNING point INTO at;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pyreplica: this database is not fenced' USING HINT = 'SELECT pyreplica.fence(true); first.';
+    END IF;
+    RETURN at;
+END
+$fn$;
+COMMENT ON FUNCTION pyreplica.fence_point() IS 'pyreplica: the first snapshot after the fence (switchover waits for it)';
 
 -- ---------------------------------------------------------------------------------------------
 -- The install guide's names, in schema public: thin entry points, each an exact (text) match

@@ -24,6 +24,12 @@ BEGIN
             EXECUTE format('DROP TRIGGER %I ON %s', t.tgname, t.rel);
         END LOOP;
     END IF;
+    IF to_regprocedure('pyreplica.py_log_fence()') IS NOT NULL THEN     -- switchover's fence
+        FOR t IN SELECT tgname, tgrelid::regclass AS rel FROM pg_trigger
+                  WHERE tgfoid = 'pyreplica.py_log_fence()'::regprocedure LOOP
+            EXECUTE format('DROP TRIGGER %I ON %s', t.tgname, t.rel);
+        END LOOP;
+    END IF;
     DROP EVENT TRIGGER IF EXISTS py_log_replica_ddl;
     DROP EVENT TRIGGER IF EXISTS py_log_replica_ddl_start;
     DROP EVENT TRIGGER IF EXISTS py_log_replica_ddl_drop;
@@ -37,7 +43,7 @@ BEGIN
     END LOOP;
     DROP TABLE IF EXISTS pyreplica.replica_log, pyreplica.replica_slaves, pyreplica.log_pruned, pyreplica.ticks,
                          pyreplica.skipped_events, pyreplica.replica_sequences,
-                         pyreplica.settings;
+                         pyreplica.settings, pyreplica.fenced;
     IF NOT EXISTS (SELECT FROM pg_class c WHERE c.relnamespace = 'pyreplica'::regnamespace)
        AND NOT EXISTS (SELECT FROM pg_proc p WHERE p.pronamespace = 'pyreplica'::regnamespace)
        AND NOT EXISTS (SELECT FROM pg_type ty WHERE ty.typnamespace = 'pyreplica'::regnamespace) THEN
