@@ -277,14 +277,15 @@ HAND_OVER = """
 ALTER SCHEMA pyreplica OWNER TO postgres;
 ALTER TABLE pyreplica.position OWNER TO postgres;
 ALTER TABLE pyreplica.skip_requests OWNER TO postgres;
+ALTER TABLE pyreplica.table_states OWNER TO postgres;
 ALTER FUNCTION pyreplica.apply_events(bigint[], text[], text[], text[], int[]) OWNER TO postgres;
 GRANT USAGE ON SCHEMA pyreplica TO {role};
-GRANT SELECT, INSERT, UPDATE ON pyreplica.position, pyreplica.skip_requests TO {role};
+GRANT SELECT, INSERT, UPDATE ON pyreplica.position, pyreplica.skip_requests, pyreplica.table_states TO {role};
 """
 # README "Switchover": after it, the daemon's role on the new master and on the new slave
 NEW_MASTER_GRANTS = "GRANT pyreplica_daemon TO {role}"
 NEW_SLAVE_GRANTS = """
-GRANT SELECT, INSERT, UPDATE ON pyreplica.position, pyreplica.skip_requests TO {role};
+GRANT SELECT, INSERT, UPDATE ON pyreplica.position, pyreplica.skip_requests, pyreplica.table_states TO {role};
 GRANT SET ON PARAMETER session_replication_role TO {role};
 GRANT USAGE ON SCHEMA public TO {role};
 GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON public.t TO {role};
