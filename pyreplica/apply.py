@@ -35,12 +35,15 @@ SELECT to_regclass('pyreplica.position') IS NOT NULL
 READ_POSITION = "SELECT snapshot::text, batch_id FROM pyreplica.position WHERE slave = %s"
 
 WRITE_POSITION = """
-INSERT INTO pyreplica.position AS p (slave, snapshot, batch_id, applied, updated_at)
-VALUES (%(slave)s, %(cur)s, %(batch_id)s, %(events)s, now())
+INSERT INTO pyreplica.position AS p (slave, snapshot, batch_id, applied, tables, updated_at)
+VALUES (%(slave)s, %(cur)s, %(batch_id)s, %(events)s, %(tables)s::text[], now())
 ON CONFLICT (slave) DO UPDATE
    SET snapshot = EXCLUDED.snapshot, batch_id = EXCLUDED.batch_id,
-       applied = p.applied + EXCLUDED.applied, updated_at = now()
+       applied = p.applied + EXCLUDED.applied, tables = EXCLUDED.tables, updated_at = now()
 """
+RECORD_TABLES = "UPDATE pyreplica.position SET tables = %s::text[] WHERE slave = %s"
+# Tables add-table or remove-table hold out of a slave's stream (docs/design.md §13), by relname.
+HELD_TABLES = "SELECT relname, state FROM pyreplica.table_states WHERE slave = %s"
 
 # Returns one row: all NULL when every statement succeeded, else the failing statement's index
 # (1-based) and PostgreSQL's SQLSTATE, message, DETAIL and HINT; the chunk's work is then undone.
@@ -642,6 +645,20 @@ def _apply_error(slave_cur, statement, events, code, message, detail, hint, debu
     return ApplyError(text, event, conflict, code, detail, hint)
 
 
-def write_position(slave_cur, batch):
+def write_position(slave_cur, batch, tables):
+    """The batch's new position, and the TABLES patterns of the daemon that applied it."""
     slave_cur.execute(WRITE_POSITION, {"slave": batch.slave, "cur": batch.end_snapshot,
-                                       "batch_id": batch.batch_id, "events": batch.applied})
+                                       "batch_id": batch.batch_id, "events": batch.applied, "tables": tables})
+
+
+def record_tables(slave_conn, slave, tables):
+    """At start: which tables this daemon takes, for add-table to check (autocommit connection)."""
+    with slave_conn.cursor() as cur:
+        cur.execute(RECORD_TABLES, (tables, slave))
+
+
+def held_tables(slave_conn, slave):
+    """{relname: state} of the tables held out of this slave's stream."""
+    with slave_conn.cursor() as cur:
+        cur.execute(HELD_TABLES, (slave,))
+        return dict(cur.fetchall())

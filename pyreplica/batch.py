@@ -104,7 +104,7 @@ class Batch:
                             progress(self)
                 if self.applied:        # (no row written, none a sequence must stay ahead of)
                     sequences.catch_up(cur, self.sequences, sides.sequences)
-                apply.write_position(cur, self)
+                apply.write_position(cur, self, pipeline.tables)
         except BaseException:
             abandon(sides)
             raise

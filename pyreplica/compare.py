@@ -42,7 +42,6 @@ SELECT array_agg(a.attname::text) FROM pg_attribute a
  WHERE a.attrelid = to_regclass(format('%%I.%%I', %s::text, %s::text)) AND a.attnum > 0 AND NOT a.attisdropped
 """
 # Tables add-table or remove-table hold out of this slave's stream (docs/design.md §13): not compared.
-HELD_TABLES = "SELECT relname, state FROM pyreplica.table_states WHERE slave = %s"
 HAS_TABLE_STATES = "SELECT pg_catalog.to_regclass('pyreplica.table_states') IS NOT NULL"
 HELD_STATES = {"removed": "removed from this slave (remove-table)",
                "copying": "being added (add-table is copying it)",
@@ -260,9 +259,7 @@ def held_tables(slave, name):
     """{relname: state} of the tables held out of this slave's stream (none before slave schema 4)."""
     if not fetch_one(slave, HAS_TABLE_STATES):
         return {}
-    with slave.cursor() as cur:
-        cur.execute(HELD_TABLES, (name,))
-        return dict(cur.fetchall())
+    return apply.held_tables(slave, name)
 
 
 def format_table(report):

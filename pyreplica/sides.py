@@ -88,6 +88,7 @@ class Sides:
         twophase.recover(self.listener, self.slave, self.name, self.token,
                          position[1] if position else None, record[1] if record else None)
         self.position = self.find_position(identity)
+        apply.record_tables(self.slave, self.name, self.pipeline.tables)
         self.check_slave_tables()
         self.slave.autocommit = False
         return self
@@ -110,9 +111,10 @@ class Sides:
         """Every captured table (that this slave takes) must exist on the slave with its columns,
         unless an administrator's statement still to be replayed may create them (py_log_sql)."""
         problems = []
+        held = apply.held_tables(self.slave, self.name)     # add-table creates them
         with self.slave.cursor() as cur:
             for table in master.captured_tables(self.listener):
-                if not self.pipeline.wants_table(table.qualified):
+                if not self.pipeline.wants_table(table.qualified) or table.qualified in held:
                     continue
                 cur.execute(SLAVE_COLUMNS, (table.qualified,))
                 present = cur.fetchone()[0]

@@ -1,29 +1,29 @@
 """`pyreplica add-table` and `remove-table` (docs/design.md §13): a table joins or leaves one running
 slave's stream while every other table keeps replicating.
 
-add-table, for the tables named (Londiste's copy, in steps that can each be run again):
-1. hold   the slave's table_states rows say `copying`: from its next batch the daemon leaves the
-          tables' events out (it reads those rows FOR SHARE in every batch);
+add-table, for the tables named (Londiste's copy, in steps; a re-run starts again at the copy):
+1. hold    the slave's table_states rows say `copying`: from its next batch the daemon leaves the
+           tables' events out (it reads those rows FOR SHARE in every batch);
 2. capture the master captures the tables (py_log_create_tg) unless it does already;
-3. create the slave's tables are created from the master's definition when missing (pg_dump -s);
-4. copy   a pin (a registration named SLAVE+add-table) keeps the master's log from being pruned
-          past what the next steps read; one REPEATABLE READ master transaction at snapshot S
-          streams the rows (COPY) into one slave transaction, which also writes `catching_up`,
-          S: the copy and its point commit together;
+3. create  the slave's tables are created from the master's definition when missing (pg_dump -s);
+4. copy    a pin (a registration named SLAVE+add-table) keeps the master's log from being pruned
+           past what the next steps read; one REPEATABLE READ master transaction at snapshot S
+           streams the rows (COPY) into one slave transaction, which also writes `catching_up`,
+           S: the copy and its point commit together;
 5. catch up the tables' events the daemon left out since S (visible at its position P, not at S)
-          are replayed by add-table itself, in rounds, each committed with its new point;
-6. join   once few are left: the rows are taken FOR UPDATE (no batch can be leaving events out
-          any more), P read again, the last events replayed and the rows deleted in one
-          transaction: the daemon's next batch, which starts at P, applies every later event.
-          The pin is dropped.
-An interruption anywhere leaves the tables held (the daemon skips their events, nothing is lost on
-the master: the pin holds the log) and a re-run starts again at the copy.
+           are replayed by add-table itself, in rounds, each committed with its new point;
+6. join    once few are left: the rows are taken FOR UPDATE (no batch can be leaving events out
+           any more), P read again, the last events replayed and the rows deleted in one
+           transaction: the daemon's next batch, which starts at P, applies every later event.
+The pin goes when add-table ends, whatever happened: an interrupted run leaves the tables held (the
+daemon skips their events; the next run copies again), never a log that cannot be pruned (but a
+kill -9 leaves the pin: the next add-table or remove-table for that slave drops it).
+One add-table or remove-table per slave at a time (an advisory lock on the slave).
 
 remove-table marks the tables `removed`: their events are left out until add-table copies them again.
 """
 import contextlib
 import os
-import subprocess
 import tempfile
 import threading
 import time
@@ -42,13 +42,15 @@ CHUNK = 2000                    # events replayed per statement batch
 LOCK_TRY = "1s"
 RETRY_EVERY = 0.2
 
+# Session-level, on the slave, for the whole command: one add-table/remove-table per slave name.
+ONE_AT_A_TIME = "SELECT pg_catalog.pg_try_advisory_lock(1887007334, pg_catalog.hashtext(%s::text))"
 RESOLVE = "SELECT rel::oid, problem FROM pyreplica.py_log_resolve(%s::text)"
 DESCRIBE = """
 SELECT pg_catalog.format('%%I.%%I', n.nspname, c.relname), n.nspname::text, c.relname::text,
        c.relispartition, pyreplica.py_log_is_captured(c.oid),
        EXISTS (SELECT FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid AND i.indisprimary),
        greatest(c.reltuples, 0)::bigint,
-       ARRAY(SELECT pg_catalog.format('%%I.%%I', mn.nspname, m.relname)
+       ARRAY(SELECT ARRAY[pg_catalog.format('%%I.%%I', mn.nspname, m.relname), mn.nspname::text, m.relname::text]
                FROM pyreplica.py_log_members(c.oid) p
                JOIN pg_catalog.pg_class m ON m.oid = p JOIN pg_catalog.pg_namespace mn ON mn.oid = m.relnamespace)
   FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
@@ -60,6 +62,7 @@ COVERS = "SELECT pyreplica.snapshot_covers(%s::pg_snapshot, %s::pg_snapshot)"
 LEFT_OUT = f"SELECT * FROM ({master.BATCH_EVENTS}) e WHERE e.relname = ANY(%(tables)s)"
 LEFT_OUT_COUNT = f"SELECT count(*) FROM ({LEFT_OUT}) e"
 
+DAEMON_TABLES = "SELECT tables FROM pyreplica.position WHERE slave = %s"
 STATES = "SELECT relname, state FROM pyreplica.table_states WHERE slave = %s AND relname = ANY(%s)"
 HOLD = """
 INSERT INTO pyreplica.table_states AS t (slave, relname, state)
@@ -70,21 +73,22 @@ ON CONFLICT (slave, relname) DO UPDATE
 COPIED = """
 UPDATE pyreplica.table_states SET state = 'catching_up', copy_snapshot = %(at)s::pg_snapshot,
        caught_up = %(at)s::pg_snapshot, changed_at = now()
- WHERE slave = %(slave)s AND relname = ANY(%(tables)s)
+ WHERE slave = %(slave)s AND relname = ANY(%(tables)s) AND state = 'copying'
 """
 CAUGHT_UP = """
 UPDATE pyreplica.table_states SET caught_up = %(at)s::pg_snapshot, changed_at = now()
- WHERE slave = %(slave)s AND relname = ANY(%(tables)s)
+ WHERE slave = %(slave)s AND relname = ANY(%(tables)s) AND state = 'catching_up'
 """
 READ_CAUGHT_UP = """
-SELECT caught_up::text FROM pyreplica.table_states
+SELECT DISTINCT caught_up::text FROM pyreplica.table_states
  WHERE slave = %s AND relname = ANY(%s) AND state = 'catching_up'
 """
 TAKE_FOR_JOIN = """
 SELECT caught_up::text FROM pyreplica.table_states
  WHERE slave = %s AND relname = ANY(%s) AND state = 'catching_up' FOR UPDATE
 """
-JOINED = "DELETE FROM pyreplica.table_states WHERE slave = %s AND relname = ANY(%s)"
+JOINED = "DELETE FROM pyreplica.table_states WHERE slave = %s AND relname = ANY(%s) AND state = 'catching_up'"
+RELEASE = "DELETE FROM pyreplica.table_states WHERE slave = %s AND relname = ANY(%s) AND state = 'copying'"
 SLAVE_TABLE_EXISTS = "SELECT pg_catalog.to_regclass(%s) IS NOT NULL"
 
 
@@ -94,28 +98,52 @@ class Wanted:
     def __init__(self, qualified, schema, name, is_partition, captured, has_pk, estimate, members):
         self.qualified, self.schema, self.name = qualified, schema, name
         self.is_partition, self.captured, self.has_pk = is_partition, captured, has_pk
-        self.estimate, self.members = estimate, members     # members: it and its partitions
+        self.estimate = estimate
+        self.members = [m[0] for m in members]              # it and its partitions, as the log names them
+        self.member_names = [(m[1], m[2]) for m in members]  # (schema, name) of each
         self.ident = sql.Identifier(schema, name)
 
 
+def relnames(tables):
+    return [m for t in tables for m in t.members]
+
+
+class Changed(ReplicaError):
+    """The tables' rows on the slave are not what this run left there."""
+
+
 # -- what is asked ----------------------------------------------------------------------------------
-def describe_tables(conn, names, pipeline):
-    """The tables named, each checked: exists on the master, one table, a primary key, not a
-    partition, taken by this slave's TABLES."""
+def describe_tables(conn, names):
+    """The tables named, once each."""
     found = {}
     for name in names:
         table = Wanted(*fetch_row(conn, DESCRIBE, (resolve(conn, name),)))
+        found.setdefault(table.qualified, table)
+    return list(found.values())
+
+
+def check_tables(tables, daemon_tables):
+    """Each table: a primary key, not a partition, taken by the running daemon's TABLES."""
+    for table in tables:
         if table.is_partition:
             raise ReplicaError(f"table {table.qualified} is a partition: name the partitioned table it belongs to",
                                "master")
         if not table.has_pk:
             raise ReplicaError(f"table {table.qualified} has no primary key: pyreplica replays rows by primary "
                                f"key (ALTER TABLE ... ADD PRIMARY KEY first)", "master")
-        if not pipeline.wants_table(table.qualified):
-            raise ReplicaError(f"table {table.qualified} is not in this slave's TABLES: add it to the config "
-                               f"first", "master")
-        found.setdefault(table.qualified, table)
-    return list(found.values())
+        if not Pipeline(daemon_tables).wants_table(table.qualified):
+            raise ReplicaError(f"table {table.qualified} is not in the TABLES of the daemon replicating into this "
+                               f"slave ({', '.join(daemon_tables)}): add it to the config and restart the daemon "
+                               f"first, or its changes would be filtered out after the copy", "slave")
+
+
+def daemon_tables(slave, name):
+    """The TABLES patterns the running daemon recorded ([]: every table)."""
+    tables = fetch_one(slave, DAEMON_TABLES, (name,))
+    if tables is None:
+        raise ReplicaError(f"the daemon replicating into slave {name} has not recorded which tables it takes: "
+                           f"(re)start it with this version of pyreplica first", "slave")
+    return tables
 
 
 def fetch_row(conn, query, args):
@@ -124,15 +152,18 @@ def fetch_row(conn, query, args):
         return cur.fetchone()
 
 
-def slave_states(slave, name, relnames):
-    with slave.cursor() as cur:
-        cur.execute(STATES, (name, relnames))
-        return dict(cur.fetchall())
+def resolve(conn, name):
+    rel, problem = fetch_row(conn, RESOLVE, (name,))
+    if problem:
+        raise ReplicaError(problem, "master")
+    return rel
 
 
 def refuse_replicated(slave, name, tables):
     """A table the slave already takes from the stream is not copied over itself (repair is for that)."""
-    states = slave_states(slave, name, [t.qualified for t in tables])
+    with slave.cursor() as cur:
+        cur.execute(STATES, (name, [t.qualified for t in tables]))
+        states = dict(cur.fetchall())
     for table in tables:
         if table.captured and table.qualified not in states and slave_has(slave, table):
             raise ReplicaError(f"table {table.qualified} is already replicated to slave {name}: to make it equal "
@@ -145,34 +176,56 @@ def slave_has(slave, table):
 
 
 # -- the steps --------------------------------------------------------------------------------------
-def hold(slave, name, tables, state):
-    with slave.cursor() as cur:
-        cur.execute(HOLD, {"slave": name, "state": state,
-                           "tables": [m for t in tables for m in t.members]})
-    slave.commit()
+def with_row_locks(slave, wait, step):
+    """Run step(cursor) in a slave transaction and commit it, retrying while a batch holds the
+    table_states rows (it holds them until it commits; an in-doubt one, until it is settled)."""
+    deadline = time.monotonic() + wait
+    while True:
+        with slave.cursor() as cur:
+            cur.execute("SET LOCAL lock_timeout = %s", (LOCK_TRY,))
+            try:
+                step(cur)
+            except psycopg2.errors.LockNotAvailable:
+                slave.rollback()
+                if time.monotonic() >= deadline:
+                    raise ReplicaError("the slave's pyreplica.table_states rows stayed locked by a batch for "
+                                       f"{wait:g} s (one prepared and never committed? `pyreplica status` lists "
+                                       "them, `pyreplica recover` settles them)", "slave") from None
+                time.sleep(RETRY_EVERY)
+                continue
+        slave.commit()
+        return
 
 
-def capture(master_admin, slave, name, tables):
+def hold(slave, name, tables, state, wait):
+    with_row_locks(slave, wait, lambda cur: cur.execute(HOLD, {"slave": name, "state": state,
+                                                              "tables": relnames(tables)}))
+
+
+def release(slave, name, tables, wait):
+    with_row_locks(slave, wait, lambda cur: cur.execute(RELEASE, (name, relnames(tables))))
+
+
+def capture(master_admin, slave, name, tables, wait):
     """py_log_create_tg for the tables not captured yet; a refusal releases the hold."""
     for table in tables:
         if table.captured:
             continue
         answer = fetch_one(master_admin, CAPTURE, (table.qualified,))
         if not answer.startswith("created trigger"):
-            release(slave, name, tables)
+            release(slave, name, tables, wait)
             raise ReplicaError(f"cannot capture it on the master: {answer}", "master")
         log.get().info("%s", answer)
         table.captured = True
 
 
-def release(slave, name, tables):
-    with slave.cursor() as cur:
-        cur.execute(JOINED, (name, [m for t in tables for m in t.members]))
-    slave.commit()
-
-
-def create_missing(config, slave, tables):
-    """Create on the slave, from the master's definition (pg_dump -s), the tables it lacks."""
+def create_missing(config, master_admin, slave, name, tables, wait):
+    """Create on the slave, from the master's definition (pg_dump -s), the tables it lacks; first the
+    administrator's statements still to replay there (a captured CREATE TABLE may be one)."""
+    if all(slave_has(slave, t) for t in tables):
+        slave.rollback()
+        return
+    wait_for_admin_sql(master_admin, slave, name, wait)
     missing = [t for t in tables if not slave_has(slave, t)]
     slave.rollback()
     if not missing:
@@ -180,7 +233,7 @@ def create_missing(config, slave, tables):
     log.get().info("Creating %s on the slave", ", ".join(t.qualified for t in missing))
     with tempfile.TemporaryDirectory(prefix="pyreplica-add-table-") as tmp:
         dump, listing = os.path.join(tmp, "schema.dump"), os.path.join(tmp, "restore.list")
-        selected = [arg for t in missing for m in t.members for arg in ("-t", dump_pattern(m))]
+        selected = [arg for t in missing for names in t.member_names for arg in ("-t", dump_pattern(*names))]
         clone.run_tool([clone.tool("pg_dump"), "-Fc", "--schema-only", "--no-owner", "--no-privileges",
                         *selected, "-f", dump, "-d", clone.client_dsn(config.DSN0, tmp, "master")],
                        "pg_dump of the tables' definition on the master")
@@ -188,21 +241,24 @@ def create_missing(config, slave, tables):
         clone.restore(dump, listing, clone.client_dsn(config.DSN1, tmp, "slave"))
 
 
-def dump_pattern(qualified):
-    """pg_dump -t takes a pattern: every name part double-quoted, so nothing in it is a wildcard."""
-    schema, name = (part.strip('"').replace('""', '"') for part in split_qualified(qualified))
+def wait_for_admin_sql(master_admin, slave, name, wait):
+    deadline = time.monotonic() + wait
+    while True:
+        position, _ = compare.slave_position(slave, name)
+        slave.rollback()
+        pending = fetch_one(master_admin, master.PENDING_ADMIN_SQL, (position,))
+        if not pending:
+            return
+        if time.monotonic() >= deadline:
+            raise ReplicaError(f"slave {name} still has {pending} administrator's statement(s) to replay (is "
+                               f"`pyreplica run` running for it? see --wait): the tables are created after them",
+                               "slave")
+        time.sleep(RETRY_EVERY)
+
+
+def dump_pattern(schema, name):
+    """pg_dump -t takes a pattern: both names double-quoted, so nothing in them is a wildcard."""
     return '"{}"."{}"'.format(schema.replace('"', '""'), name.replace('"', '""'))
-
-
-def split_qualified(qualified):
-    """The two parts of format('%I.%I'): the dot between them is the one outside double quotes."""
-    quoted = False
-    for i, char in enumerate(qualified):
-        if char == '"':
-            quoted = not quoted
-        elif char == "." and not quoted:
-            return qualified[:i], qualified[i + 1:]
-    raise ValueError(qualified)
 
 
 def check_columns(slave, captured):
@@ -216,28 +272,53 @@ def check_columns(slave, captured):
 
 def pin(master_admin, name):
     """Register the pin now (its snapshot is before the copy's): pruning keeps every event after it."""
-    pin_name = name + PIN_SUFFIX
+    drop_pin(master_admin, name)        # one an interrupted run left
+    master.register(master_admin, name + PIN_SUFFIX)
+
+
+def drop_pin(master_admin, name):
     with contextlib.suppress(psycopg2.Error):
-        master.drop_slave(master_admin, pin_name)       # a pin an interrupted run left
-    master.register(master_admin, pin_name)
-    return pin_name
+        master.drop_slave(master_admin, name + PIN_SUFFIX)
 
 
-def copy(config, slave, name, tables, captured):
+def copy(config, slave, name, tables, wait):
     """Copy the tables' rows at one master snapshot; commits the copy with its point. Returns it."""
     reader = compare.open_session(config.DSN0, "master")
     try:
         with reader.cursor() as cur:
             at = master.current_snapshot(cur)
+        # the columns as of the copy's snapshot (a catalog read in this transaction sees them so)
+        captured = {t.qualified: t for t in master.captured_tables(reader)}
         with slave.cursor() as cur:
             for table in tables:
                 cur.execute(sql.SQL("TRUNCATE {}").format(table.ident))
                 copy_table(reader, cur, table, captured[table.qualified])
-            cur.execute(COPIED, {"slave": name, "at": at, "tables": [m for t in tables for m in t.members]})
-        slave.commit()
+            cur.execute("SAVEPOINT copied")
+        mark_copied(slave, name, tables, at, wait)
         return at
     finally:
         close_quietly(reader)
+
+
+def mark_copied(slave, name, tables, at, wait):
+    """In the copy's transaction: the tables' point. Retried (from a savepoint, the copy kept) while
+    a batch holds their rows; commits."""
+    deadline = time.monotonic() + wait
+    with slave.cursor() as cur:
+        while True:
+            cur.execute("SET LOCAL lock_timeout = %s", (LOCK_TRY,))
+            try:
+                cur.execute(COPIED, {"slave": name, "at": at, "tables": relnames(tables)})
+                break
+            except psycopg2.errors.LockNotAvailable:
+                cur.execute("ROLLBACK TO SAVEPOINT copied")
+                if time.monotonic() >= deadline:
+                    raise ReplicaError("a batch kept the slave's pyreplica.table_states rows locked: the copy is "
+                                       "undone (`pyreplica status`, `pyreplica recover`)", "slave") from None
+        if cur.rowcount != len(relnames(tables)):
+            raise Changed("the tables' state on the slave changed during the copy (another command?): the copy "
+                          "is undone; run add-table again", "slave")
+    slave.commit()
 
 
 def copy_table(reader, slave_cur, table, captured):
@@ -294,10 +375,11 @@ class RowCounter:
 
 # -- catching up ------------------------------------------------------------------------------------
 class Replay:
-    """Replays the held tables' left-out events on the slave, as the daemon would have."""
+    """Replays the held tables' left-out events on the slave, as the daemon would have: filters,
+    SKIP_USER, skip-event's requests (marked in the same transaction)."""
 
-    def __init__(self, config, master_conn, slave, name, relnames):
-        self.master_conn, self.slave, self.name, self.relnames = master_conn, slave, name, relnames
+    def __init__(self, config, master_conn, slave, name, tables):
+        self.master_conn, self.slave, self.name, self.relnames = master_conn, slave, name, relnames(tables)
         self.pipeline = Pipeline(config.TABLES, config.FILTERS)
         self.skip_user = config.SKIP_USER or None
         self.debug_level = config.DEBUG_LEVEL
@@ -316,39 +398,52 @@ class Replay:
         self.master_conn.rollback()
         return covered
 
-    def run(self, start, end):
+    def run(self, start, end, batch_id):
         """Apply, in the slave's open transaction, the events visible at `end` and not at `start`."""
-        with self.master_conn.cursor(name="pyreplica_add_table") as events, self.slave.cursor() as cur:
-            events.execute(LEFT_OUT, self.arguments(start, end))
-            while True:
-                rows = events.fetchmany(CHUNK)
-                if not rows:
-                    break
-                chunk = self.pipeline([Event(*row) for row in rows])
+        with self.slave.cursor() as cur:
+            skips = apply.pending_skips(cur, self.name)
+            for chunk in self.chunks(start, end):
+                chunk, _ = apply.take_skips(cur, chunk, skips, batch_id, self.name)
+                chunk = self.pipeline(chunk)
                 if chunk:
                     apply.apply_chunk(cur, chunk, debug_level=self.debug_level)
                     self.replayed += len(chunk)
         self.master_conn.rollback()
 
+    def chunks(self, start, end):
+        """The events in lists of about CHUNK, never split between the TRUNCATEs of one statement
+        (they replay as one, apply.merge_truncates)."""
+        with self.master_conn.cursor(name="pyreplica_add_table") as events:
+            events.execute(LEFT_OUT, self.arguments(start, end))
+            chunk = []
+            while True:
+                rows = events.fetchmany(CHUNK)
+                chunk += [Event(*row) for row in rows]
+                if not rows or (chunk and chunk[-1].op != "T"):
+                    if chunk:
+                        yield chunk
+                    chunk = []
+                if not rows:
+                    return
+
 
 def catch_up(replay, slave, name, wait):
     """Replay left-out events in committed rounds until few are left, then join under lock."""
-    relnames = replay.relnames
     deadline = time.monotonic() + wait
     describe = lambda elapsed: (f"add-table: {replay.replayed} events of the new tables replayed, "  # noqa: E731
                                 f"{elapsed:.0f} s")
     with progress.every(compare.PROGRESS_EVERY, describe):
         while True:
-            position, _ = compare.slave_position(slave, name)
-            caught_up = fetch_one(slave, READ_CAUGHT_UP, (name, relnames))
+            position, batch_id = compare.slave_position(slave, name)
+            caught_up = read_caught_up(slave, name, replay.relnames)
             slave.rollback()
             # until the daemon's position covers the copy's point, events it will still bring may be
             # in the copy already: nothing can be replayed yet
             if replay.covers(position, caught_up):
                 if replay.pending(caught_up, position) > JOIN_AT:
-                    replay.run(caught_up, position)
+                    replay.run(caught_up, position, batch_id)
                     with slave.cursor() as cur:
-                        cur.execute(CAUGHT_UP, {"slave": name, "at": position, "tables": relnames})
+                        cur.execute(CAUGHT_UP, {"slave": name, "at": position, "tables": replay.relnames})
                     slave.commit()
                     continue
                 if join(replay, slave, name):
@@ -358,6 +453,16 @@ def catch_up(replay, slave, name, wait):
                                    f"`pyreplica run` running for it? see --wait); the tables stay held: run "
                                    f"add-table again", "slave")
             time.sleep(RETRY_EVERY)
+
+
+def read_caught_up(slave, name, tables):
+    with slave.cursor() as cur:
+        cur.execute(READ_CAUGHT_UP, (name, tables))
+        points = cur.fetchall()
+    if len(points) != 1:
+        raise Changed("the tables' state on the slave changed under add-table (remove-table?): run add-table "
+                      "again", "slave")
+    return points[0][0]
 
 
 def join(replay, slave, name):
@@ -370,30 +475,47 @@ def join(replay, slave, name):
         except psycopg2.errors.LockNotAvailable:
             slave.rollback()
             return False
-        caught_up = cur.fetchone()[0]
+        points = {row[0] for row in cur.fetchall()}
+        if cur.rowcount != len(replay.relnames) or len(points) != 1:
+            raise Changed("the tables' state on the slave changed under add-table: run add-table again", "slave")
         cur.execute("SET LOCAL lock_timeout = 0")
-    # READ COMMITTED: the latest position, and no batch after it can leave events out any more
-    position, _ = compare.slave_position(slave, name)
-    replay.run(caught_up, position)
+    # READ COMMITTED: the latest position and TABLES; no batch after it can leave events out any more
+    position, batch_id = compare.slave_position(slave, name)
+    check_tables_taken(slave, name, replay.relnames)
+    replay.run(points.pop(), position, batch_id)
     with slave.cursor() as cur:
         cur.execute(JOINED, (name, replay.relnames))
     slave.commit()
     return True
 
 
+def check_tables_taken(slave, name, held):
+    """At the join: the daemon (restarted meanwhile, maybe with other TABLES) still takes them."""
+    patterns = daemon_tables(slave, name)
+    dropped = [t for t in held if not Pipeline(patterns).wants_table(t)]
+    if dropped:
+        raise Changed(f"the daemon replicating into slave {name} was restarted with TABLES that leave out "
+                      f"{', '.join(dropped)}: the tables stay held; fix TABLES, restart it, run add-table again",
+                      "slave")
+
+
 # -- the commands -----------------------------------------------------------------------------------
-def open_slave(dsn):
-    conn = connect(dsn, "slave", "pyreplica add-table", settings={"search_path": master.SEARCH_PATH})
+def open_slave(dsn, name, command):
+    conn = connect(dsn, "slave", f"pyreplica {command}", settings={"search_path": master.SEARCH_PATH})
     conn.autocommit = True
     apply.install(conn)
+    if not fetch_one(conn, ONE_AT_A_TIME, (name,)):
+        conn.close()
+        raise ReplicaError(f"another add-table or remove-table is running for slave {name}: wait for it to end",
+                           "slave")
     with conn.cursor() as cur:
         apply.start_session(cur)
     conn.autocommit = False
     return conn
 
 
-def open_master(dsn):
-    conn = connect(dsn, "master", "pyreplica add-table", settings={"search_path": master.SEARCH_PATH})
+def open_master(dsn, command):
+    conn = connect(dsn, "master", f"pyreplica {command}", settings={"search_path": master.SEARCH_PATH})
     conn.autocommit = True
     master.require_installed(conn)
     return conn
@@ -402,60 +524,56 @@ def open_master(dsn):
 def add_table(config, name, names, wait=300.0):
     try:
         return add_tables(config, name, names, wait)
-    except psycopg2.Error as e:     # e.g. the slave's TRUNCATE refused by a foreign key: one line
-        raise ReplicaError(f"add-table failed: {first_line(e)} (whatever was held out of the stream stays "
-                           f"held, nothing is lost: fix it and run add-table again, or remove-table)") from e
+    except (psycopg2.Error, apply.ApplyError) as e:     # e.g. a foreign key refusing the TRUNCATE
+        text = first_line(e) if isinstance(e, psycopg2.Error) else str(e)
+        raise ReplicaError(f"add-table failed: {text} (the tables stay held out of the stream, nothing is lost: "
+                           f"fix it and run add-table again, or remove-table)") from e
 
 
 def add_tables(config, name, names, wait):
     master_admin = slave = reader = None
+    pinned = False
     try:
-        master_admin, slave = open_master(config.DSN0), open_slave(config.DSN1)
+        master_admin, slave = open_master(config.DSN0, "add-table"), open_slave(config.DSN1, name, "add-table")
         compare.slave_position(slave, name)         # a slave that replicates from this master
-        slave.rollback()
-        tables = describe_tables(master_admin, names, Pipeline(config.TABLES))
+        tables = describe_tables(master_admin, names)
+        check_tables(tables, daemon_tables(slave, name))
         refuse_replicated(slave, name, tables)
         slave.rollback()
-        hold(slave, name, tables, "copying")
-        capture(master_admin, slave, name, tables)
-        create_missing(config, slave, tables)
+        hold(slave, name, tables, "copying", wait)
+        capture(master_admin, slave, name, tables, wait)
+        create_missing(config, master_admin, slave, name, tables, wait)
         captured = {t.qualified: t for t in master.captured_tables(master_admin)}
         check_columns(slave, [captured[t.qualified] for t in tables])
-        pin_name = pin(master_admin, name)
-        at = copy(config, slave, name, tables, captured)
+        pin(master_admin, name)
+        pinned = True
+        at = copy(config, slave, name, tables, wait)
         faults.point("add_table_copied")
-        relnames = [m for t in tables for m in t.members]
         reader = connect(config.DSN0, "master", "pyreplica add-table", settings={"search_path": master.SEARCH_PATH})
-        replay = Replay(config, reader, slave, name, relnames)
+        replay = Replay(config, reader, slave, name, tables)
         catch_up(replay, slave, name, wait)
-        master.drop_slave(master_admin, pin_name)
         print(f"Added {', '.join(t.qualified for t in tables)} to slave {name}: copied at master snapshot {at}, "
               f"{replay.replayed} later events replayed; the daemon replicates them from now on")
         return 0
     finally:
         abandon_and_close(reader, slave)
+        if pinned:
+            drop_pin(master_admin, name)
         close_quietly(master_admin)
 
 
-def remove_table(config, name, names):
+def remove_table(config, name, names, wait=60.0):
     master_conn = slave = None
     try:
-        master_conn, slave = open_master(config.DSN0), open_slave(config.DSN1)
+        master_conn, slave = open_master(config.DSN0, "remove-table"), open_slave(config.DSN1, name, "remove-table")
         compare.slave_position(slave, name)
         slave.rollback()
-        tables = [Wanted(*fetch_row(master_conn, DESCRIBE, (resolve(master_conn, n),))) for n in names]
-        tables = list({t.qualified: t for t in tables}.values())
-        hold(slave, name, tables, "removed")
+        tables = describe_tables(master_conn, names)
+        hold(slave, name, tables, "removed", wait)
+        drop_pin(master_conn, name)         # no add-table runs (we hold the lock): a killed one's
         print(f"Removed {', '.join(t.qualified for t in tables)} from slave {name}: their changes are no longer "
               f"applied there (the slave's tables are kept as they are; `pyreplica add-table` copies them again)")
         return 0
     finally:
         abandon_and_close(slave)
         close_quietly(master_conn)
-
-
-def resolve(conn, name):
-    rel, problem = fetch_row(conn, RESOLVE, (name,))
-    if problem:
-        raise ReplicaError(problem, "master")
-    return rel

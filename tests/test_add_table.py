@@ -201,3 +201,66 @@ def test_a_least_privilege_daemon_keeps_replicating_after_an_administrator_added
             db.execute(sql.SQL("DROP OWNED BY {0}").format(sql.Identifier(role)))
         for db in (master, slave):
             db.execute(sql.SQL("DROP ROLE IF EXISTS {0}").format(sql.Identifier(role)))
+
+
+def write_conf(path, master, slave, tables):
+    path.write_text(f"[MAIN]\nDSN0 = {master.dsn}\nDSN1 = {slave.dsn}\nSLAVE_FIELD = s1\nKEEPALIVE = 2\n"
+                    f"TABLES = {tables}\n")
+    return str(path)
+
+
+def test_a_table_the_running_daemon_filters_out_is_refused(master, slave, tmp_path):
+    """TABLES changed in the config but the daemon not restarted: its filter would drop the table's
+    changes after the join, so add-table refuses, changing nothing; once restarted, it works."""
+    start(master, slave)
+    old = write_conf(tmp_path / "old.conf", master, slave, "public.t")
+    new = write_conf(tmp_path / "new.conf", master, slave, "public.t, public.n")
+    daemon = Daemon(master, slave)
+    daemon.args = ["-c", old]
+    with daemon:
+        replicating(master, slave)
+        code, out, err = run_cli("add-table", "-c", new, "n", "--wait", "60", timeout=120)
+        assert code == 1 and "table public.n is not in the TABLES of the daemon replicating into this slave " \
+                             "(public.t): add it to the config and restart the daemon first" in err, (code, out, err)
+    assert slave.scalar("SELECT count(*) FROM pyreplica.table_states") == 0
+    assert not master.scalar("SELECT pyreplica.py_log_is_captured('n')")
+    daemon = Daemon(master, slave)
+    daemon.args = ["-c", new]
+    with daemon:
+        code, out, err = run_cli("add-table", "-c", new, "n", "--wait", "60", timeout=120)
+        assert code == 0, out + err
+        master.execute("UPDATE n SET v = 'after the join' WHERE id = 1")
+        wait_identical(master, slave, ["t", "n"])
+
+
+def test_names_with_quotes_and_one_command_at_a_time(master, slave):
+    start(master, slave)
+    master.execute('CREATE TABLE "ab" (id int PRIMARY KEY); CREATE TABLE "a.b""" (id int PRIMARY KEY, x text); '
+                   'INSERT INTO "a.b""" VALUES (1, \'one\')')
+    with Daemon(master, slave, name="s1"):
+        replicating(master, slave)
+        with contextlib.closing(slave.connect()) as other:     # as a second add-table run would
+            with other.cursor() as cur:
+                cur.execute("SELECT pg_advisory_lock(1887007334, hashtext('s1'))")
+            out = add_table(master, slave, "n", expect=1)
+            assert "another add-table or remove-table is running for slave s1: wait for it to end" in out, out
+        add_table(master, slave, 'public."a.b"""')
+        master.execute('INSERT INTO "a.b""" VALUES (2, \'two\')')
+        wait_identical(master, slave, ['"a.b"""'])
+    assert not slave.scalar("SELECT to_regclass('public.ab') IS NOT NULL")
+    assert slave.scalar("SELECT count(*) FROM pyreplica.table_states") == 0
+
+
+def test_a_run_that_times_out_leaves_the_tables_held_and_no_pin(master, slave):
+    start(master, slave)
+    with Daemon(master, slave, name="s1"):
+        replicating(master, slave)
+    master.execute("INSERT INTO t VALUES (5, 'pending')")       # the stopped daemon never gets there
+    code, out, err = run_cli("add-table", master.dsn, slave.dsn, "n", "--name", "s1", "--wait", "2", timeout=120)
+    assert code == 1 and "has not reached the copy's point within 2 s" in err, (code, out, err)
+    assert slave.scalar("SELECT state FROM pyreplica.table_states WHERE relname = 'public.n'") == "catching_up"
+    assert master.scalar("SELECT count(*) FROM pyreplica.replica_slaves WHERE name = 's1+add-table'") == 0
+    with Daemon(master, slave, name="s1"), Writer(master):
+        add_table(master, slave, "n")
+    with Daemon(master, slave, name="s1"):
+        wait_identical(master, slave, ["t", "n"])

@@ -18,6 +18,10 @@ CREATE TABLE IF NOT EXISTS pyreplica.position (
     applied    bigint      NOT NULL DEFAULT 0,
     updated_at timestamptz NOT NULL DEFAULT now()
 );
+-- The TABLES patterns of the daemon replicating into this slave (empty: every table), written when it
+-- starts and with every batch; NULL until a daemon that knows this column has run. add-table
+-- refuses a table the running daemon would filter out (docs/design.md §13).
+ALTER TABLE pyreplica.position ADD COLUMN IF NOT EXISTS tables text[];
 
 -- Events an administrator told this slave to skip (pyreplica skip-event), never chosen by the daemon:
 -- the daemon leaves out exactly the event with this id and transaction, and marks the row in the
