@@ -227,6 +227,8 @@ def test_a_table_the_running_daemon_filters_out_is_refused(master, slave, tmp_pa
     daemon = Daemon(master, slave)
     daemon.args = ["-c", new]
     with daemon:
+        wait_until(lambda: slave.scalar("SELECT tables FROM pyreplica.position") == ["public.t", "public.n"],
+                   message="the restarted daemon to record its TABLES")
         code, out, err = run_cli("add-table", "-c", new, "n", "--wait", "60", timeout=120)
         assert code == 0, out + err
         master.execute("UPDATE n SET v = 'after the join' WHERE id = 1")
