@@ -687,7 +687,12 @@ LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 BEGIN
-    RETURN to_regclass('pyreplica.settings') IS NOT NULL AND pyreplica.option(setting) = 'on';
+    -- two statements: plpgsql plans a whole expression, and during an upgrade this runs (from the
+    -- event trigger, on the install's own CREATE TABLE) before option() exists
+    IF to_regclass('pyreplica.settings') IS NULL OR to_regprocedure('pyreplica.option(text)') IS NULL THEN
+        RETURN false;
+    END IF;
+    RETURN pyreplica.option(setting) = 'on';
 END
 $fn$;
 COMMENT ON FUNCTION pyreplica.py_log_setting_on(text) IS 'pyreplica: is a setting on (off during an install)';
