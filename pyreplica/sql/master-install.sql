@@ -350,19 +350,22 @@ AS $py$
 # reason an application that prepares its own transactions sets pyreplica.notify = off (README).
 # CASE, not AND: the planner orders AND's operands by cost, and the lock must come last. Taking a
 # lock this transaction already holds is a local hash lookup: no need to remember it in SD.
-NOTIFY = ("SELECT pg_catalog.pg_notify('replicas', '') WHERE CASE"
-          " WHEN pg_catalog.current_setting('session_replication_role') = 'replica' THEN false"
-          " WHEN coalesce(pg_catalog.current_setting('pyreplica.notify', true), '') = 'off' THEN false"
-          " ELSE NOT pg_catalog.pg_try_advisory_xact_lock_shared(1887007333, 1) END")
+# The logging INSERT and the wake-up are one statement (a data-modifying WITH always runs): one
+# executor start and end per call, not two. A statement that logged nothing (an UPDATE that changed
+# no value) wakes nobody.
+WAKE_UP = (" SELECT pg_catalog.pg_notify('replicas', '') WHERE CASE"
+           " WHEN NOT EXISTS (SELECT FROM logged) THEN false"
+           " WHEN pg_catalog.current_setting('session_replication_role') = 'replica' THEN false"
+           " WHEN coalesce(pg_catalog.current_setting('pyreplica.notify', true), '') = 'off' THEN false"
+           " ELSE NOT pg_catalog.pg_try_advisory_xact_lock_shared(1887007333, 1) END")
 key = (TD["relid"], TD["event"], tuple(TD["args"] or ()))
 plan = SD.get(key)
 if plan is None:
     op = {"INSERT": "I", "UPDATE": "U", "DELETE": "D", "TRUNCATE": "T"}[TD["event"]]
     text = plpy.execute(plpy.prepare('SELECT pyreplica.py_log_capture_sql($1::pg_catalog.regclass, $2::pg_catalog."char") AS q',
                                      ["oid", '"char"']), [TD["relid"], op])[0]["q"]
-    plan = SD[key] = (plpy.prepare(text), plpy.prepare(NOTIFY))
-if plpy.execute(plan[0]).nrows() > 0 or TD["event"] == "TRUNCATE":
-    plpy.execute(plan[1])
+    plan = SD[key] = plpy.prepare("WITH logged AS (" + text + " RETURNING 1)" + WAKE_UP)
+plpy.execute(plan)
 # A tick at most once a second per backend (pyreplica.tick): the end points of catch-up steps,
 # recorded while the master is written to, whether a daemon runs or not. One clock read per call.
 tick = SD.get("tick")
