@@ -337,3 +337,30 @@ def test_wide_table_and_column_named_like_the_internals(master, slave):
     replay(master, slave)
     assert_same(master, slave, "wide")
     assert master.table_rows("wide")[0][0].startswith("(11,11,0,")
+
+
+def capture_functions(db, table):
+    return {r[0] for r in db.execute("SELECT tgfoid::regproc::text FROM pg_trigger WHERE tgrelid = %s::regclass "
+                                     "AND pyreplica.py_log_is_capture_fn(tgfoid)", (table,))}
+
+
+def test_the_trigger_pins_the_formats_only_for_columns_that_need_them(master, slave):
+    """A table of format-neutral columns gets the trigger without the DateStyle/float/... pins (cheaper);
+    one that gains a float or a timestamp gets the pinned one at once, and a session with odd settings
+    still logs exact values."""
+    same_schema(master, slave, "CREATE TYPE mood AS ENUM ('ok', 'sad'); "
+                               "CREATE TABLE t (id int PRIMARY KEY, v text, n numeric, m mood, a int[], j jsonb)")
+    assert create_tg(master, "t") == ["created trigger on t (id)"]
+    assert capture_functions(master, "t") == {"pyreplica.py_log_replica_unpinned"}
+    same_schema(master, slave, "ALTER TABLE t ADD COLUMN f float8, ADD COLUMN ts timestamp")
+    assert capture_functions(master, "t") == {"pyreplica.py_log_replica"}
+    with contextlib.closing(master.connect()) as conn, conn.cursor() as cur:
+        cur.execute("SET extra_float_digits = 0; SET DateStyle = 'SQL, DMY'")
+        cur.execute("INSERT INTO t VALUES (1, 'a', 1.50, 'sad', '{1,2}', '{\"k\": 1}', 0.1::float8 + 0.2, "
+                    "'2026-03-04 05:06:07.891234')")
+        cur.execute("UPDATE t SET f = f * 3, ts = ts + interval '1 day' WHERE id = 1")
+    replay(master, slave)
+    assert_same(master, slave, "t")
+    assert slave.scalar("SELECT f = (0.1::float8 + 0.2) * 3 FROM t")
+    master.execute("ALTER TABLE t DROP COLUMN f, DROP COLUMN ts")
+    assert capture_functions(master, "t") == {"pyreplica.py_log_replica_unpinned"}

@@ -94,7 +94,7 @@ def test_changes_on_either_side_reach_the_other_exactly_once(pair):
 def always_capture(db):
     """Capture replayed rows too, as a cascading setup does (docs/design.md §6): only SKIP_USER prevents loops."""
     for (name,) in db.execute("SELECT tgname FROM pg_trigger WHERE tgrelid = 't'::regclass "
-                              "AND tgfoid = 'pyreplica.py_log_replica()'::regprocedure"):
+                              "AND pyreplica.py_log_is_capture_fn(tgfoid)"):
         db.execute(f'ALTER TABLE t ENABLE ALWAYS TRIGGER "{name}"')
 
 

@@ -379,6 +379,73 @@ if now >= tick[1]:
 $py$;
 COMMENT ON FUNCTION pyreplica.py_log_replica() IS 'pyreplica: the capture trigger';
 
+-- The same trigger without the format pins, for tables whose every column prints the same whatever
+-- the session's DateStyle, IntervalStyle, extra_float_digits and lc_monetary (py_log_format_neutral):
+-- each SET clause costs every call, together about 20 µs of a single-row INSERT's CPU (docs/design.md
+-- §10). One body: copied from py_log_replica, so the two never differ.
+DO $unpinned$
+BEGIN
+    EXECUTE format($create$CREATE OR REPLACE FUNCTION pyreplica.py_log_replica_unpinned()
+                           RETURNS trigger LANGUAGE plpython3u SECURITY DEFINER
+                           SET search_path = pg_catalog, pg_temp AS %L$create$,
+                   (SELECT prosrc FROM pg_proc WHERE oid = 'pyreplica.py_log_replica()'::regprocedure));
+END
+$unpinned$;
+COMMENT ON FUNCTION pyreplica.py_log_replica_unpinned() IS 'pyreplica: the capture trigger, for tables of format-neutral columns';
+
+-- Is this function one of the two capture triggers? Asked wherever a capture trigger is looked for.
+CREATE OR REPLACE FUNCTION pyreplica.py_log_is_capture_fn(fn oid)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT fn IN ('pyreplica.py_log_replica()'::regprocedure, 'pyreplica.py_log_replica_unpinned()'::regprocedure);
+$fn$;
+COMMENT ON FUNCTION pyreplica.py_log_is_capture_fn(oid) IS 'pyreplica: is this a capture trigger function';
+
+-- Does a type print the same under any DateStyle, IntervalStyle, extra_float_digits and lc_monetary?
+-- Through domains and arrays to the base type, which must be one of these or an enum; everything
+-- else (dates and times, intervals, floats, money, and composites and ranges, which may hold them)
+-- takes the pinned trigger.
+CREATE OR REPLACE FUNCTION pyreplica.py_log_format_neutral(typ oid)
+RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    WITH RECURSIVE under(oid, depth) AS (
+        SELECT typ, 0
+        UNION ALL
+        SELECT CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.typelem END, u.depth + 1
+          FROM under u JOIN pg_type t ON t.oid = u.oid
+         WHERE (t.typtype = 'd' OR (t.typcategory = 'A' AND t.typelem <> 0)) AND u.depth < 20
+    )
+    SELECT t.typtype = 'e'
+           OR t.oid IN ('bool'::regtype, 'int2'::regtype, 'int4'::regtype, 'int8'::regtype, 'oid'::regtype,
+                        'numeric'::regtype, 'text'::regtype, 'varchar'::regtype, 'bpchar'::regtype,
+                        '"char"'::regtype, 'name'::regtype, 'uuid'::regtype, 'bytea'::regtype,
+                        'json'::regtype, 'jsonb'::regtype, 'inet'::regtype, 'cidr'::regtype,
+                        'macaddr'::regtype, 'macaddr8'::regtype, 'bit'::regtype, 'varbit'::regtype)
+      FROM under u JOIN pg_type t ON t.oid = u.oid
+     ORDER BY u.depth DESC
+     LIMIT 1;
+$fn$;
+COMMENT ON FUNCTION pyreplica.py_log_format_neutral(oid) IS 'pyreplica: does a type print the same under any format setting';
+
+-- The capture trigger function for a table: unpinned when every column is format-neutral. The
+-- choice follows the column types, which are part of the signature: an ALTER TABLE that changes
+-- them re-captures the table (py_log_replica_ddl), choosing again.
+CREATE OR REPLACE FUNCTION pyreplica.py_log_capture_fn(rel regclass)
+RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT CASE WHEN bool_and(pyreplica.py_log_format_neutral(atttypid)) THEN 'pyreplica.py_log_replica_unpinned'
+                ELSE 'pyreplica.py_log_replica' END
+      FROM pg_attribute
+     WHERE attrelid = rel AND attnum > 0 AND NOT attisdropped;
+$fn$;
+COMMENT ON FUNCTION pyreplica.py_log_capture_fn(regclass) IS 'pyreplica: which capture trigger function a table gets';
+
 -- The signature of what a table's capture query is made of: it changes when the table is renamed
 -- or moved to another schema, a column is added, dropped, renamed or retyped, becomes generated or
 -- an identity, or the primary key changes (columns or deferrability).
@@ -480,7 +547,7 @@ RETURNS boolean
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
-    SELECT EXISTS (SELECT FROM pg_trigger WHERE tgrelid = rel AND tgfoid = 'pyreplica.py_log_replica()'::regprocedure);
+    SELECT EXISTS (SELECT FROM pg_trigger WHERE tgrelid = rel AND pyreplica.py_log_is_capture_fn(tgfoid));
 $fn$;
 COMMENT ON FUNCTION pyreplica.py_log_is_captured(regclass) IS 'pyreplica: does a table carry the capture trigger';
 
@@ -498,7 +565,7 @@ BEGIN
     -- Our own ALTER TABLE ... ENABLE TRIGGER is no statement for the slaves (the DDL capture skips it).
     PERFORM set_config('pyreplica.skip_ddl_capture', 'on', true);
     FOR t IN SELECT tgname FROM pg_trigger
-              WHERE tgrelid = rel AND tgfoid = 'pyreplica.py_log_replica()'::regprocedure LOOP
+              WHERE tgrelid = rel AND pyreplica.py_log_is_capture_fn(tgfoid) LOOP
         EXECUTE format('ALTER TABLE %s ENABLE %s TRIGGER %I', rel,
                        CASE WHEN to_regclass('pyreplica.settings') IS NULL THEN ''   -- (during an upgrade)
                             WHEN pyreplica.option('cascade') = 'on' THEN 'ALWAYS' ELSE '' END, t);
@@ -541,14 +608,14 @@ BEGIN
     END LOOP;
     PERFORM pyreplica.py_log_drop_triggers(rel);
     FOREACH ev IN ARRAY ARRAY['insert', 'update', 'delete', 'truncate'] LOOP
-        EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s %s FOR EACH STATEMENT EXECUTE FUNCTION pyreplica.py_log_replica(%L)',
+        EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s %s FOR EACH STATEMENT EXECUTE FUNCTION %s(%L)',
                        base || '_replica_tg' || CASE ev WHEN 'insert' THEN '' ELSE '_' || left(ev, 1) END,
                        upper(ev), rel,
                        CASE ev WHEN 'insert' THEN 'REFERENCING NEW TABLE AS pyreplica_new'
                                WHEN 'update' THEN 'REFERENCING OLD TABLE AS pyreplica_old NEW TABLE AS pyreplica_new'
                                WHEN 'delete' THEN 'REFERENCING OLD TABLE AS pyreplica_old'
                                ELSE '' END,
-                       sig);
+                       pyreplica.py_log_capture_fn(rel), sig);
     END LOOP;
     PERFORM pyreplica.py_log_enable_triggers(rel);
     IF to_regclass('pyreplica.replica_sequences') IS NOT NULL THEN     -- (NULL during an upgrade)
@@ -645,7 +712,7 @@ DECLARE
     n    int := 0;
 BEGIN
     FOR t IN SELECT tgname FROM pg_trigger
-              WHERE tgrelid = rel AND tgfoid = 'pyreplica.py_log_replica()'::regprocedure LOOP
+              WHERE tgrelid = rel AND pyreplica.py_log_is_capture_fn(tgfoid) LOOP
         EXECUTE format('DROP TRIGGER %I ON %s', t.tgname, rel);
         n := n + 1;
     END LOOP;
@@ -931,7 +998,7 @@ BEGIN
         touched := true;
         FOR member IN SELECT pyreplica.py_log_members(root) LOOP
             IF NOT EXISTS (SELECT FROM pg_trigger
-                            WHERE tgrelid = member AND tgfoid = 'pyreplica.py_log_replica()'::regprocedure
+                            WHERE tgrelid = member AND pyreplica.py_log_is_capture_fn(tgfoid)
                               AND encode(tgargs, 'escape') = pyreplica.py_log_signature(member) || '\000'
                            HAVING count(*) = 4) THEN
                 PERFORM pyreplica.py_log_add_triggers(member);
@@ -964,7 +1031,7 @@ BEGIN
                               FROM pg_trigger t
                               CROSS JOIN LATERAL (SELECT t.tgrelid UNION ALL
                                                   SELECT indexrelid FROM pg_index WHERE indrelid = t.tgrelid) x(r)
-                             WHERE t.tgfoid = 'pyreplica.py_log_replica()'::regprocedure),
+                             WHERE pyreplica.py_log_is_capture_fn(t.tgfoid)),
                            false);
     END IF;
 END
@@ -1584,7 +1651,7 @@ BEGIN
                                ELSE 'a new table is captured only by py_log_create_tg' END);
     END IF;
     FOR rel IN SELECT DISTINCT tgrelid::regclass FROM pg_trigger
-                WHERE tgfoid = 'pyreplica.py_log_replica()'::regprocedure LOOP
+                WHERE pyreplica.py_log_is_capture_fn(tgfoid) LOOP
         PERFORM pyreplica.py_log_enable_triggers(rel);
         n := n + 1;
     END LOOP;
@@ -1731,10 +1798,10 @@ DO $follow$
 BEGIN
     DELETE FROM pyreplica.replica_sequences r
      WHERE r.rel <> 0 AND NOT EXISTS (SELECT FROM pg_trigger WHERE tgrelid = r.rel
-                                                              AND tgfoid = 'pyreplica.py_log_replica()'::regprocedure);
+                                                              AND pyreplica.py_log_is_capture_fn(tgfoid));
     INSERT INTO pyreplica.replica_sequences (seq, rel)
     SELECT DISTINCT pyreplica.py_log_table_sequences(tgrelid::regclass), tgrelid FROM pg_trigger
-     WHERE tgfoid = 'pyreplica.py_log_replica()'::regprocedure
+     WHERE pyreplica.py_log_is_capture_fn(tgfoid)
     ON CONFLICT DO NOTHING;
 END
 $follow$;
@@ -1864,7 +1931,7 @@ BEGIN
     INSERT INTO pyreplica.fenced DEFAULT VALUES ON CONFLICT (one) DO NOTHING;
     -- in oid order, as every run takes its locks: two fences never deadlock each other
     FOR rel IN SELECT DISTINCT tgrelid::regclass FROM pg_trigger
-                WHERE tgfoid = 'pyreplica.py_log_replica()'::regprocedure ORDER BY 1 LOOP
+                WHERE pyreplica.py_log_is_capture_fn(tgfoid) ORDER BY 1 LOOP
         IF pyreplica.py_log_fence_table(rel) THEN
             n := n + 1;
         END IF;
@@ -1949,7 +2016,7 @@ BEGIN
               WHERE n.nspname IN ('pyreplica', 'public') AND obj_description(p.oid, 'pg_proc') LIKE 'pyreplica:%' LOOP
         EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);
     END LOOP;
-    GRANT EXECUTE ON FUNCTION pyreplica.captured_tables(), pyreplica.py_log_is_captured(regclass),
+    GRANT EXECUTE ON FUNCTION pyreplica.captured_tables(), pyreplica.py_log_is_captured(regclass), pyreplica.py_log_is_capture_fn(oid),
         pyreplica.unapplied(pg_snapshot),
         pyreplica.register_slave(text, pg_snapshot, text, text), pyreplica.log_start(),
         pyreplica.claim_slave(text, text, text), pyreplica.confirm(text, pg_snapshot, bigint, bigint),

@@ -18,12 +18,13 @@ DECLARE
     t record;
     f regprocedure;
 BEGIN
-    IF to_regprocedure('pyreplica.py_log_replica()') IS NOT NULL THEN
-        FOR t IN SELECT tgname, tgrelid::regclass AS rel FROM pg_trigger
-                  WHERE tgfoid = 'pyreplica.py_log_replica()'::regprocedure LOOP
-            EXECUTE format('DROP TRIGGER %I ON %s', t.tgname, t.rel);
-        END LOOP;
-    END IF;
+    -- both capture trigger functions (py_log_replica, and py_log_replica_unpinned since pyreplica 4)
+    FOR t IN SELECT tgname, tgrelid::regclass AS rel FROM pg_trigger
+              WHERE tgfoid IN (SELECT p.oid FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+                                WHERE n.nspname = 'pyreplica' AND p.proname IN ('py_log_replica', 'py_log_replica_unpinned')
+                                  AND p.pronargs = 0) LOOP
+        EXECUTE format('DROP TRIGGER %I ON %s', t.tgname, t.rel);
+    END LOOP;
     IF to_regprocedure('pyreplica.py_log_fence()') IS NOT NULL THEN     -- switchover's fence
         FOR t IN SELECT tgname, tgrelid::regclass AS rel FROM pg_trigger
                   WHERE tgfoid = 'pyreplica.py_log_fence()'::regprocedure LOOP
