@@ -238,7 +238,7 @@ def collect(config, name, wait):
         master_conn.rollback()
         master_snapshot, slave_snapshot, batch_id = one_point(master_conn, slave, name, wait)
         report = {"slave": name, "batch_id": batch_id, "master_snapshot": master_snapshot,
-                  "slave_snapshot": slave_snapshot, "tables": [], "not_compared": []}
+                  "slave_snapshot": slave_snapshot, "tables": []}
         held = held_tables(slave, name)
         report["not_compared"] = [{"table": t.qualified, "why": HELD_STATES[held[t.relname]]}
                                   for t in tables if t.relname in held]
