@@ -11,7 +11,7 @@ demo: setup
 	$(PY) -m pyreplica.cli demo
 
 test: setup
-	$(PYTEST) -q $(PYTEST_ARGS)
+	$(PYTEST) -q --durations=15 $(PYTEST_ARGS)
 
 bench:
 	@WITH_PGQ=1 bash scripts/setup.sh
