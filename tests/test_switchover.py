@@ -9,6 +9,7 @@ import pytest
 import pyreplica
 
 from replication import Daemon, create_on_both, run_cli, wait_identical, wait_until
+from test_security import LEAST_PRIVILEGE_SLAVE
 
 SCHEMA = """
 CREATE TABLE acc (id serial PRIMARY KEY, v text);
@@ -265,13 +266,6 @@ def test_fence_sql(master):
     master.execute("INSERT INTO acc (v) VALUES ('uninstalled')")
 
 
-LEAST_PRIVILEGE_SLAVE = """
-CREATE ROLE {role} LOGIN;
-CREATE SCHEMA pyreplica AUTHORIZATION {role};
-GRANT SET ON PARAMETER session_replication_role TO {role};
-GRANT USAGE ON SCHEMA public TO {role};
-GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON public.t TO {role};
-"""
 # README "Switchover": a least-privilege slave's schema handed to a superuser, its daemon keeps its rights
 HAND_OVER = """
 ALTER SCHEMA pyreplica OWNER TO postgres;
