@@ -163,8 +163,9 @@ def open_slave(dsn, dry_run):
         if not dry_run:
             apply.start_session(cur)        # replay's role: no trigger, no FK action fires
         cur.execute(compare.SESSION)        # after it: row text must print as on the master
-    # READ COMMITTED: the position is read after the lock is granted, so it is the latest one
-    conn.autocommit = False
+    # READ COMMITTED whatever the database's default: the position is read after the lock is granted,
+    # so it is the latest one
+    conn.set_session(isolation_level="READ COMMITTED", autocommit=False)
     return conn
 
 

@@ -510,7 +510,8 @@ def open_slave(dsn, name, command):
                            "slave")
     with conn.cursor() as cur:
         apply.start_session(cur)
-    conn.autocommit = False
+    # READ COMMITTED whatever the database's default: the join reads the position after its lock
+    conn.set_session(isolation_level="READ COMMITTED", autocommit=False)
     return conn
 
 
