@@ -162,6 +162,12 @@ def abandon_and_close(*conns):
         close_quietly(conn)
 
 
+def fetch_row(conn, query, params=None):
+    with conn.cursor() as cur:
+        cur.execute(query, params)
+        return cur.fetchone()
+
+
 def fetch_one(conn, query, params=None):
     with conn.cursor() as cur:
         cur.execute(query, params)

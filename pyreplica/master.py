@@ -18,6 +18,8 @@ SELECT qualified, schema_name, table_name, columns, written_columns, pk, is_part
   FROM pyreplica.captured_tables()
 """
 CURRENT_SNAPSHOT = "SELECT pg_catalog.pg_current_snapshot()::text"
+# Is every transaction visible in the second snapshot visible in the first (add-table, switchover)?
+COVERS = "SELECT pyreplica.snapshot_covers(%s::pg_snapshot, %s::pg_snapshot)"
 # The reader's snapshot and where the next batch from %(start)s ends: that snapshot, or a tick when
 # more than %(max_events)s events separate them (docs/design.md §4; NULL max_events: no bound), and
 # the followed sequences' values, read after that snapshot (§11). One round trip, first statement.

@@ -7,7 +7,7 @@
 import psycopg2
 
 from . import apply, master, twophase
-from .db import ReplicaError, close_quietly, connect, fetch_one, refusal
+from .db import ReplicaError, close_quietly, connect, fetch_one, fetch_row, refusal
 
 # One daemon per slave: a second one would apply the same batches again.
 SLAVE_LOCK = "SELECT pg_catalog.pg_try_advisory_lock(pg_catalog.hashtext('pyreplica slave ' || %s::text))"
@@ -78,7 +78,7 @@ class Sides:
         with self.slave.cursor() as cur:
             apply.start_session(cur)
         self.log.info("Encoding for this connections are %s %s", self.listener.encoding, self.slave.encoding)
-        identity = tuple(self._fetch_row(self.slave, SLAVE_IDENTITY))
+        identity = tuple(fetch_row(self.slave, SLAVE_IDENTITY))
         self.token = twophase.identity_token(identity)
 
         with self.listener.cursor() as cur:
@@ -100,12 +100,6 @@ class Sides:
             if getattr(e, "pgcode", None) == "PR002":
                 raise refusal(e, "master") from e
             raise
-
-    @staticmethod
-    def _fetch_row(conn, query, params=None):
-        with conn.cursor() as cur:
-            cur.execute(query, params)
-            return cur.fetchone()
 
     def check_slave_tables(self):
         """Every captured table (that this slave takes) must exist on the slave with its columns,

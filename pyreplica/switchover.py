@@ -64,7 +64,6 @@ FENCE = "SELECT pyreplica.fence(%s::boolean)"
 SET_LOCK_TIMEOUT = "SELECT pg_catalog.set_config('lock_timeout', %s, true)"
 FENCE_POINT = "SELECT pyreplica.fence_point()::text"
 IS_FENCED = "SELECT pyreplica.py_log_is_fenced()"
-COVERS = "SELECT pyreplica.snapshot_covers(%s::pg_snapshot, %s::pg_snapshot)"
 NUDGE = "SELECT pg_catalog.pg_notify(%s, '')"       # wakes the slave's sleeping daemon
 CREATE_TG = "SELECT pyreplica.py_log_create_tg(%s)"
 REQUESTED_SEQUENCES = """
@@ -272,7 +271,7 @@ def wait_until_applied(old, new, name, point, wait):
     last_nudge = last_progress = -NUDGE_EVERY
     while True:
         position = apply.read_position(new, name)
-        if position and fetch_one(old, COVERS, (position[0], point)):
+        if position and fetch_one(old, master.COVERS, (position[0], point)):
             return
         elapsed = time.monotonic() - started
         if elapsed >= wait:

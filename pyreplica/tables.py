@@ -33,7 +33,7 @@ from psycopg2 import sql
 
 from . import apply, clone, compare, faults, log, master, progress
 from .batch import Event
-from .db import ReplicaError, abandon_and_close, close_quietly, connect, fetch_one, first_line
+from .db import ReplicaError, abandon_and_close, close_quietly, connect, fetch_one, fetch_row, first_line
 from .filters import Pipeline
 
 PIN_SUFFIX = "+add-table"       # the registration that holds the master's log while tables join
@@ -57,7 +57,6 @@ SELECT pg_catalog.format('%%I.%%I', n.nspname, c.relname), n.nspname::text, c.re
  WHERE c.oid = %s
 """
 CAPTURE = "SELECT pyreplica.py_log_create_tg(%s::text)"
-COVERS = "SELECT pyreplica.snapshot_covers(%s::pg_snapshot, %s::pg_snapshot)"
 # The held tables' events a slave at %(start)s has left out, up to its position %(end)s.
 LEFT_OUT = f"SELECT * FROM ({master.BATCH_EVENTS}) e WHERE e.relname = ANY(%(tables)s)"
 LEFT_OUT_COUNT = f"SELECT count(*) FROM ({LEFT_OUT}) e"
@@ -124,6 +123,7 @@ def describe_tables(conn, names):
 
 def check_tables(tables, daemon_tables):
     """Each table: a primary key, not a partition, taken by the running daemon's TABLES."""
+    daemon = Pipeline(daemon_tables)
     for table in tables:
         if table.is_partition:
             raise ReplicaError(f"table {table.qualified} is a partition: name the partitioned table it belongs to",
@@ -131,7 +131,7 @@ def check_tables(tables, daemon_tables):
         if not table.has_pk:
             raise ReplicaError(f"table {table.qualified} has no primary key: pyreplica replays rows by primary "
                                f"key (ALTER TABLE ... ADD PRIMARY KEY first)", "master")
-        if not Pipeline(daemon_tables).wants_table(table.qualified):
+        if not daemon.wants_table(table.qualified):
             raise ReplicaError(f"table {table.qualified} is not in the TABLES of the daemon replicating into this "
                                f"slave ({', '.join(daemon_tables)}): add it to the config and restart the daemon "
                                f"first, or its changes would be filtered out after the copy", "slave")
@@ -144,12 +144,6 @@ def daemon_tables(slave, name):
         raise ReplicaError(f"the daemon replicating into slave {name} has not recorded which tables it takes: "
                            f"(re)start it with this version of pyreplica first", "slave")
     return tables
-
-
-def fetch_row(conn, query, args):
-    with conn.cursor() as cur:
-        cur.execute(query, args)
-        return cur.fetchone()
 
 
 def resolve(conn, name):
@@ -394,7 +388,7 @@ class Replay:
         return count
 
     def covers(self, later, earlier):
-        covered = fetch_one(self.master_conn, COVERS, (later, earlier))
+        covered = fetch_one(self.master_conn, master.COVERS, (later, earlier))
         self.master_conn.rollback()
         return covered
 
@@ -491,8 +485,8 @@ def join(replay, slave, name):
 
 def check_tables_taken(slave, name, held):
     """At the join: the daemon (restarted meanwhile, maybe with other TABLES) still takes them."""
-    patterns = daemon_tables(slave, name)
-    dropped = [t for t in held if not Pipeline(patterns).wants_table(t)]
+    daemon = Pipeline(daemon_tables(slave, name))
+    dropped = [t for t in held if not daemon.wants_table(t)]
     if dropped:
         raise Changed(f"the daemon replicating into slave {name} was restarted with TABLES that leave out "
                       f"{', '.join(dropped)}: the tables stay held; fix TABLES, restart it, run add-table again",

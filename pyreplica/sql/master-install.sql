@@ -1070,20 +1070,13 @@ RETURNS bigint
 LANGUAGE plpgsql
 AS $fn$
 DECLARE
-    logged bigint;
     flag   text := pg_catalog.current_setting('pyreplica.skip_ddl_capture', true);
 BEGIN
     -- Logged once, below: the DDL capture (ddl = on) skips the statement it runs.
     PERFORM pg_catalog.set_config('pyreplica.skip_ddl_capture', 'on', true);
     EXECUTE statement;
     PERFORM pg_catalog.set_config('pyreplica.skip_ddl_capture', coalesce(flag, ''), true);
-    INSERT INTO pyreplica.replica_log (txid, relname, op, sql)
-    VALUES (pg_catalog.pg_current_xact_id(), NULL, 'S', statement)
-    RETURNING id INTO logged;
-    IF coalesce(pg_catalog.current_setting('pyreplica.notify', true), '') OPERATOR(pg_catalog.<>) 'off' THEN
-        PERFORM pg_catalog.pg_notify('replicas', '');
-    END IF;
-    RETURN logged;
+    RETURN pyreplica.py_log_sql_only(statement);
 END
 $fn$;
 COMMENT ON FUNCTION pyreplica.py_log_sql(text) IS
@@ -1633,7 +1626,7 @@ DECLARE
     n   int := 0;
     val text := lower(new_value);
 BEGIN
-    IF setting IS NULL OR setting NOT IN ('cascade', 'ddl', 'capture_new_tables') THEN
+    IF pyreplica.option(setting) IS NULL THEN       -- option() knows every setting's default
         RAISE EXCEPTION 'pyreplica: unknown setting "%"', setting
             USING HINT = 'Settings: cascade, ddl, capture_new_tables (each on or off).';
     ELSIF val IS NULL OR val NOT IN ('on', 'off') THEN
