@@ -60,6 +60,7 @@ SCALES = {
 }
 
 HEADINGS = ("measurement", "system", "result")
+SECTIONS = ("write", "catchup", "latency", "memory", "bloat")
 
 
 def machine():
@@ -104,8 +105,13 @@ def main(argv=None):
                       help="scaled down, under 3 minutes")
     mode.add_argument("--smoke", action="store_const", dest="scale", const="smoke",
                       help="tiny, seconds: checks the benchmark runs (its figures mean nothing)")
+    parser.add_argument("--only", metavar="SECTION[,SECTION]", type=lambda v: v.split(","),
+                        help=f"measure only these sections ({', '.join(SECTIONS)}): for working on one figure")
     args = parser.parse_args(argv)
     scale = SCALES[args.scale or "full"]
+    unknown = set(args.only or ()) - set(SECTIONS)
+    if unknown:
+        parser.error(f"--only: no section {', '.join(sorted(unknown))} (there are {', '.join(SECTIONS)})")
 
     def progress(text):
         print(f"[{time.perf_counter() - started:6.0f} s] {text}", file=sys.stderr, flush=True)
@@ -128,12 +134,15 @@ def main(argv=None):
         progress("clusters started")
         sections, ratios = [], {}
         measures = (  # (section title, measure) or (None, measure returning its own sections)
-            (None, lambda: write_cost.measure(plain, logical, slave, scale, progress)),
-            ("Catch-up", lambda: catchup.measure(logical, slave, scale, progress)),
-            ("Latency", lambda: latency.measure(logical, slave, scale, progress)),
-            ("Memory", lambda: memory.measure(logical, slave, scale, progress)),
-            ("Log size", lambda: bloat.measure(plain, slave, scale, progress)))
-        for title, measure in measures:
+            ("write", None, lambda: write_cost.measure(plain, logical, slave, scale, progress)),
+            ("catchup", "Catch-up", lambda: catchup.measure(logical, slave, scale, progress)),
+            ("latency", "Latency", lambda: latency.measure(logical, slave, scale, progress)),
+            ("memory", "Memory", lambda: memory.measure(logical, slave, scale, progress)),
+            ("bloat", "Log size", lambda: bloat.measure(plain, slave, scale, progress)))
+        assert tuple(m[0] for m in measures) == SECTIONS
+        for name, title, measure in measures:
+            if args.only and name not in args.only:
+                continue
             found_sections, found = measure()
             sections += found_sections if title is None else [(title, found_sections)]
             ratios.update(found)

@@ -68,6 +68,7 @@ SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY k.ord)
 _IDENT = r'(?:"[^"]*(?:""[^"]*)*"|[a-z_][a-z0-9_$]*)'
 IDENTIFIER = re.compile(_IDENT)
 GROUP_MAX_ROWS = 1000       # events per grouped UPDATE or DELETE
+GROUP_FROM = 16             # statements in a chunk from which grouping pays for its catalog lookup
 MERGE_MAX_BYTES = 1 << 20   # bytes of the events' statements per grouped statement
 
 # An UPDATE as the capture writes it: UPDATE s.t SET c = 'v', ... WHERE k = 'v' AND ...
@@ -577,11 +578,13 @@ def group(statements, tables):
 
 def plan(events, tables, precise=False):
     """The statements that replay events. TRUNCATEs of one transaction are always one statement;
-    unless precise, single-row INSERTs, UPDATEs and DELETEs are grouped for speed (group), else
-    every other event is one statement, in id order."""
+    unless precise, single-row INSERTs, UPDATEs and DELETEs of a chunk of GROUP_FROM statements or
+    more are grouped for speed (group), else every other event is one statement, in id order."""
     statements = merge_truncates(events)
-    if precise or len(statements) < 2:
-        return statements       # (one statement: nothing to group, no table to look up)
+    if precise or len(statements) < GROUP_FROM:
+        # a few statements: planning each costs less than a round trip to look up their tables
+        # (what a daemon that keeps up mostly applies, where that round trip is latency)
+        return statements
     return group(statements, tables)
 
 

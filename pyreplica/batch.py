@@ -133,7 +133,8 @@ def abandon(sides):
 
 
 def stream_events(master_conn, batch, skip_user=None, max_events=5000, max_bytes=8 << 20):
-    """Yield the batch's events in id order, in lists bounded by count and bytes.
+    """Yield (events, last): the batch's events in id order, in lists bounded by count and bytes;
+    last is True for a list read after the cursor ran dry (nothing follows it).
 
     Reads through a cursor on the master, FETCH_ROWS at a time, so memory stays flat however large
     the batch is. DECLARE and the first FETCH go in one round trip, and a FETCH that returns fewer
@@ -154,20 +155,22 @@ def stream_events(master_conn, batch, skip_user=None, max_events=5000, max_bytes
                 size += len(event.sql)
                 # never between the TRUNCATEs of one statement: they replay as one (apply.plan)
                 if (len(chunk) >= max_events or size >= max_bytes) and event.op != "T":
-                    yield chunk
+                    yield chunk, False
                     chunk, size = [], 0
             if len(rows) < FETCH_ROWS:
                 break
             cur.execute(fetch)
         if chunk:
-            yield chunk
+            yield chunk, True
 
 
 class ReadAhead:
-    """Iterate a generator in a background thread, at most `depth` items ahead.
+    """Iterate stream_events' lists, reading ahead in a background thread, at most `depth` ahead.
 
     Lets the master's cursor fetch the next chunk while the slave applies this one (psycopg2
-    releases the GIL while it waits on the network). Memory stays bounded by depth chunks. Use as a
+    releases the GIL while it waits on the network). Memory stays bounded by depth chunks. The first
+    list is read here: when it is the last one (most batches of a daemon that keeps up), no thread
+    is started, whose start and hand-overs would cost a small batch more than the read. Use as a
     context manager: on exit the thread is stopped and joined, so the master connection is free
     again before anyone rolls it back.
     """
@@ -190,8 +193,8 @@ class ReadAhead:
 
     def _produce(self):
         try:
-            for item in self.generator:
-                if not self._put((item, None)):
+            for chunk, _ in self.generator:
+                if not self._put((chunk, None)):
                     break
         except BaseException as error:      # handed to the consumer, raised there
             self._put((None, error))
@@ -201,10 +204,18 @@ class ReadAhead:
         self._put((self._DONE, None))
 
     def __enter__(self):
-        self.thread.start()
         return self
 
     def __iter__(self):
+        first = next(self.generator, None)
+        if first is None:
+            return
+        chunk, last = first
+        if not last:
+            self.thread.start()
+        yield chunk
+        if last:
+            return
         while True:
             item, error = self.queue.get()
             if error is not None:
@@ -215,4 +226,7 @@ class ReadAhead:
 
     def __exit__(self, *exc):
         self.stopping.set()
-        self.thread.join()
+        if self.thread.ident is not None:       # started
+            self.thread.join()
+        else:
+            self.generator.close()

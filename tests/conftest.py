@@ -14,6 +14,7 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import pyreplica  # noqa: E402
+from pyreplica import apply  # noqa: E402
 from pyreplica.cluster import Cluster  # noqa: E402
 
 _counter = itertools.count()
@@ -127,6 +128,15 @@ def slave2(slave_cluster):
 @pytest.fixture
 def slave3(slave_cluster):
     yield from database(slave_cluster, "s")
+
+
+@pytest.fixture(scope="module")
+def group_small_chunks():
+    """In-process apply groups chunks from two statements on (the daemon only from apply.GROUP_FROM),
+    so that tests of grouped replay can use a few events. Module-scoped: hypothesis's tests use it."""
+    saved, apply.GROUP_FROM = apply.GROUP_FROM, 2
+    yield
+    apply.GROUP_FROM = saved
 
 
 def pytest_addoption(parser):

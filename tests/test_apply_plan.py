@@ -1,6 +1,11 @@
 """The apply planner (docs/design.md §6) without a server: grouping, parsing, the grouped statements' SQL."""
+import pytest
+
+from pyreplica import apply
 from pyreplica.apply import Statement, Table, group, merge_truncates, parse_update, plan, values_sql
 from pyreplica.batch import Event
+
+pytestmark = pytest.mark.usefixtures("group_small_chunks")
 
 TABLES = {"public.t": Table({"id": "integer", "v": "text", "c": "bpchar"}, ("id",), True),
           "public.u": Table({"id": "integer", "v": "text"}, ("id",), True),
@@ -169,3 +174,15 @@ def test_plan_groups_only_when_not_precise():
               ev(4, "U", "UPDATE public.t SET v = 'b' WHERE id = '4'")]
     assert [(s.first_event, s.rows) for s in plan(events, tables)] == [(1, 2), (2, 2)]
     assert plan(events, tables, precise=True) == [st(e.id, e.op, e.sql) for e in events]
+
+
+def test_a_chunk_of_few_statements_is_not_grouped_and_looks_up_no_table(monkeypatch):
+    """What a daemon that keeps up applies: a lookup round trip would cost more than it saves."""
+    monkeypatch.setattr(apply, "GROUP_FROM", 16)
+
+    def no_lookup(relname):
+        raise AssertionError(f"looked up {relname}")
+    few = [ev(i, "I", f"INSERT INTO public.t (id) VALUES ('{i}')") for i in range(1, 16)]
+    assert plan(few, no_lookup) == [st(e.id, e.op, e.sql) for e in few]
+    many = few + [ev(16, "I", "INSERT INTO public.t (id) VALUES ('16')")]
+    assert [(s.first_event, s.rows) for s in plan(many, tables)] == [(1, 16)]

@@ -13,6 +13,8 @@ from pyreplica.batch import Event
 from pyreplica.db import connect
 from replication import Daemon, create_on_both, wait_identical
 
+pytestmark = pytest.mark.usefixtures("group_small_chunks")
+
 TYPED_DDL = """
 CREATE TABLE typed (k3 char(3), kn numeric(6,2), kv varchar(5), note text, PRIMARY KEY (k3, kn, kv));
 CREATE TABLE plain (id int PRIMARY KEY, c char(5), ca char(3)[], v varchar(5), n numeric(8,3));

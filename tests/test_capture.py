@@ -13,6 +13,8 @@ from pyreplica.batch import Event
 from pyreplica.db import connect
 from pyreplica.wakeup import LOCK_KEYS
 
+pytestmark = pytest.mark.usefixtures("group_small_chunks")
+
 
 def create_tg(db, name):
     return [r[0] for r in db.execute("SELECT py_log_create_tg(%s)", (name,))]

@@ -23,6 +23,8 @@ from conftest import fresh_db
 from pyreplica import apply, db
 from pyreplica.batch import Event
 
+pytestmark = pytest.mark.usefixtures("group_small_chunks")
+
 # -- session settings ---------------------------------------------------------------------------
 TIMEZONES = ["UTC", "America/New_York", "Asia/Kolkata", "Pacific/Chatham", "Australia/Lord_Howe",
              "Europe/Moscow", "America/St_Johns", "Pacific/Kiritimati", "EST5EDT", "<+0330>-03:30"]
