@@ -120,8 +120,7 @@ ADD_VALUE = re.compile(rf"(\s*ALTER\s+TYPE\s+{_NAME}(?:\s*\.\s*{_NAME})?\s+ADD\s
 
 # The batch's candidates for running alone, read in the batch's own master transaction (the same
 # snapshot as its event stream); apply.run_alone decides from the full statement.
-ALONE_CANDIDATES = (f"SELECT * FROM ({master.BATCH_EVENTS}) e "
-                    r"WHERE e.op = 'S' AND e.sql ~* '^\s*alter\s+type\s'")
+ALONE_CANDIDATES = f"SELECT * FROM ({master.BATCH_EVENTS}) e WHERE {master.MAY_RUN_ALONE.format(e='e')}"
 
 PENDING_SKIPS = """
 SELECT event_id, txid::text FROM pyreplica.skip_requests WHERE slave = %s AND skipped_at IS NULL
@@ -266,10 +265,11 @@ def pending_skips(slave_cur, slave):
     return dict(slave_cur.fetchall())
 
 
-def batch_state(slave_cur, slave):
+def batch_state(slave_cur, slave, begin=""):
     """({event id: transaction} skip-event named, {relname} of the tables held out of the stream), read
-    in the batch's transaction: the held tables' rows stay locked FOR SHARE until it ends."""
-    slave_cur.execute(BATCH_SLAVE_STATE, {"slave": slave})
+    in the batch's transaction (`begin` opens it): the held tables' rows stay locked FOR SHARE until it
+    ends."""
+    slave_cur.execute(begin + BATCH_SLAVE_STATE, {"slave": slave})
     pairs, held = slave_cur.fetchone()
     return {int(event_id): txid for event_id, txid in pairs}, frozenset(held)
 
@@ -648,10 +648,11 @@ def _apply_error(slave_cur, statement, events, code, message, detail, hint, debu
     return ApplyError(text, event, conflict, code, detail, hint)
 
 
-def write_position(slave_cur, batch, tables):
-    """The batch's new position, and the TABLES patterns of the daemon that applied it."""
-    slave_cur.execute(WRITE_POSITION, {"slave": batch.slave, "cur": batch.end_snapshot,
-                                       "batch_id": batch.batch_id, "events": batch.applied, "tables": tables})
+def position_statement(batch, tables):
+    """(query, params) that writes the batch's new position, and the TABLES patterns of the daemon
+    that applied it: the last statement of the batch's slave transaction (twophase runs it)."""
+    return WRITE_POSITION, {"slave": batch.slave, "cur": batch.end_snapshot, "batch_id": batch.batch_id,
+                            "events": batch.applied, "tables": tables}
 
 
 def record_tables(slave_conn, slave, tables):

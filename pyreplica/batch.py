@@ -8,10 +8,11 @@ wraparound-safe. The new snapshot is the master's current one, or, when a backlo
 commits in bounded steps, each a consistent cut in commit order, and `more` says another follows.
 
     step       what it does                                        if the daemon dies here, the next start
-    begin      master tpc_begin, take the end snapshot             finds nothing prepared: nothing to do
-    apply      slave tpc_begin, stream -> filter -> apply chunks,  finds nothing prepared: the slave's
-               write the slave's new position                      transaction is gone, replayed again
-    finish     twophase.prepare_and_commit                         settles what is prepared (twophase.decide)
+    begin      master BEGIN, take the end snapshot                 finds nothing prepared: nothing to do
+    apply      slave BEGIN, stream -> filter -> apply chunks       finds nothing prepared: the slave's
+                                                                   transaction is gone, replayed again
+    finish     the slave's new position, then                      settles what is prepared (twophase.decide)
+               twophase.prepare_and_commit
     abandon    roll both sides back (nothing prepared yet)
 """
 import queue
@@ -44,28 +45,31 @@ class Batch:
     more: bool = False          # a catch-up step: the master had committed more than this batch
     applied: int = 0            # events applied (after filters)
     sequences: dict = field(default_factory=dict)   # the master's sequence values, read at begin
+    may_run_alone: bool = False # it holds a statement apply.run_alone may have to run first
     _gids: dict = field(default_factory=dict, repr=False)
 
     # -- the steps ------------------------------------------------------------------------------
     @classmethod
-    def begin(cls, sides, position, max_events=None):
+    def begin(cls, sides, position, max_events=None, only_events=False):
         """Open the master's side and choose the end snapshot: the current one, or a tick when more
-        than max_events events are pending (None: no bound). None when nothing was committed since."""
+        than max_events events are pending (None: no bound). None when nothing was committed since,
+        or, with only_events, when no event was: a batch without events still moves the position
+        past other transactions (what add-table and switchover wait for), but costs a two-phase
+        commit, so it is for a daemon that was woken, not one looking for more after a batch."""
         start_snapshot, last_batch = position
         batch = cls(sides.name, last_batch + 1, start_snapshot, sides.token)
-        sides.reader.tpc_begin(batch.gid("master"))
         try:
             with sides.reader.cursor() as cur:
                 # first statement of the REPEATABLE READ transaction: the event query reads with
                 # this very snapshot, which contains any tick chosen as the end
-                current, batch.end_snapshot, batch.sequences = master.batch_start(cur, start_snapshot,
-                                                                                  max_events)
+                current, batch.end_snapshot, batch.sequences, has_events, batch.may_run_alone = \
+                    master.batch_start(cur, start_snapshot, max_events, twophase.BEGIN["master"])
                 batch.more = batch.end_snapshot != current
         except BaseException:
             abandon(sides)
             raise
-        if batch.end_snapshot == batch.start_snapshot:
-            sides.reader.tpc_rollback()
+        if batch.end_snapshot == batch.start_snapshot or (only_events and not has_events):
+            twophase.rollback(sides.reader)
             return None
         return batch
 
@@ -80,11 +84,11 @@ class Batch:
         read at begin (sequences.catch_up)."""
         self.skipped = []
         try:
-            apply.before_batch(sides.slave, sides.reader, self,
-                               lambda rows: pipeline([Event(*row) for row in rows]), settings.SKIP_USER)
-            sides.slave.tpc_begin(self.gid("slave"))
+            if self.may_run_alone:
+                apply.before_batch(sides.slave, sides.reader, self,
+                                   lambda rows: pipeline([Event(*row) for row in rows]), settings.SKIP_USER)
             with sides.slave.cursor() as cur:
-                skips, held = apply.batch_state(cur, self.slave)
+                skips, held = apply.batch_state(cur, self.slave, twophase.BEGIN["slave"])
                 events = stream_events(sides.reader, self, settings.SKIP_USER, settings.BATCH_EVENTS,
                                        settings.BATCH_BYTES)
                 with ReadAhead(events) as chunks:
@@ -104,14 +108,14 @@ class Batch:
                             progress(self)
                 if self.applied:        # (no row written, none a sequence must stay ahead of)
                     sequences.catch_up(cur, self.sequences, sides.sequences)
-                apply.write_position(cur, self, pipeline.tables)
         except BaseException:
             abandon(sides)
             raise
 
-    def finish(self, sides):
-        """PREPARE both sides, then COMMIT PREPARED both (twophase's order)."""
-        twophase.prepare_and_commit(sides.reader, sides.slave, self)
+    def finish(self, sides, pipeline):
+        """Write the slave's new position, PREPARE both sides, then COMMIT PREPARED both (twophase's
+        order)."""
+        twophase.prepare_and_commit(sides.reader, sides.slave, self, apply.position_statement(self, pipeline.tables))
 
     def gid(self, side):
         """This batch's transaction name on one side (twophase's format), the same on every call."""
@@ -123,13 +127,8 @@ class Batch:
 def abandon(sides):
     """Roll back the batch in flight (nothing of it is prepared yet)."""
     for conn in (sides.slave, sides.reader):
-        if conn is None or conn.closed:
-            continue
-        try:
-            if conn.status != psycopg2.extensions.STATUS_READY:
-                conn.tpc_rollback()
-        except psycopg2.Error:
-            pass
+        if conn is not None:
+            twophase.rollback(conn)
 
 
 def stream_events(master_conn, batch, skip_user=None, max_events=5000, max_bytes=8 << 20):

@@ -20,16 +20,29 @@ SELECT qualified, schema_name, table_name, columns, written_columns, pk, is_part
 CURRENT_SNAPSHOT = "SELECT pg_catalog.pg_current_snapshot()::text"
 # Is every transaction visible in the second snapshot visible in the first (add-table, switchover)?
 COVERS = "SELECT pyreplica.snapshot_covers(%s::pg_snapshot, %s::pg_snapshot)"
-# The reader's snapshot and where the next batch from %(start)s ends: that snapshot, or a tick when
-# more than %(max_events)s events separate them (docs/design.md §4; NULL max_events: no bound), and
-# the followed sequences' values, read after that snapshot (§11). One round trip, first statement.
-BATCH_START = """
-SELECT c::text,
-       CASE WHEN %(max_events)s::bigint IS NULL THEN c
-            ELSE pyreplica.batch_end(%(start)s::pg_snapshot, c, %(max_events)s::bigint) END::text,
-       (SELECT pg_catalog.json_object_agg(name, last_value) FROM pyreplica.sequence_values())
-  FROM (SELECT pg_catalog.pg_current_snapshot() AS c) now
+# Which events may have to run alone, before their batch (apply.run_alone): `{e}` names the event.
+MAY_RUN_ALONE = r"{e}.op = 'S' AND {e}.sql ~* '^\s*alter\s+type\s'"
+# The reader's snapshot and where the next batch from $1 (the slave's snapshot) ends: that snapshot,
+# or a tick when more than $2 events separate them (docs/design.md §4; NULL: no bound), the followed
+# sequences' values, read after that snapshot (§11), whether the batch holds any event, and whether
+# it holds one that may have to run alone. The first statement of every batch: prepared once per
+# session (planning it took longer than running it), run in the same round trip as BEGIN.
+PREPARE_BATCH_START = f"""
+PREPARE pyreplica_batch_start (pg_snapshot, bigint) AS
+WITH b AS MATERIALIZED (
+    SELECT c, CASE WHEN $2 IS NULL THEN c ELSE pyreplica.batch_end($1, c, $2) END AS e
+      FROM (SELECT pg_catalog.pg_current_snapshot() AS c) now)
+SELECT c::text, e::text,
+       CASE WHEN EXISTS (SELECT FROM pyreplica.replica_sequences)       -- (else spare the call)
+            THEN (SELECT pg_catalog.json_object_agg(name, last_value) FROM pyreplica.sequence_values()) END,
+       EXISTS (SELECT FROM pyreplica.unapplied($1) l
+                WHERE l.txid < pg_catalog.pg_snapshot_xmax(e) AND pg_catalog.pg_visible_in_snapshot(l.txid, e)),
+       EXISTS (SELECT FROM pyreplica.unapplied($1) l
+                WHERE l.txid < pg_catalog.pg_snapshot_xmax(e) AND pg_catalog.pg_visible_in_snapshot(l.txid, e)
+                  AND {MAY_RUN_ALONE.format(e='l')})
+  FROM b
 """
+BATCH_START = "EXECUTE pyreplica_batch_start (%s::pg_snapshot, %s::bigint)"
 REGISTER = "SELECT pyreplica.register_slave(%s::text, %s::pg_snapshot, %s::text, %s::text)::text"
 CLAIM = "SELECT confirmed, batch_id, start_snapshot FROM pyreplica.claim_slave(%s::text, %s::text, %s::text)"
 LOG_START = "SELECT pyreplica.log_start()::text"
@@ -103,13 +116,20 @@ def current_snapshot(cur):
     return cur.fetchone()[0]
 
 
-def batch_start(cur, start, max_events):
-    """(current snapshot, end snapshot of the next batch from `start`, {sequence: value}); run as
-    the first statement of the reader's REPEATABLE READ transaction, so the batch's events are read
-    with that snapshot."""
-    cur.execute(BATCH_START, {"start": start, "max_events": max_events})
-    current, end, values = cur.fetchone()
-    return current, end, values or {}
+def prepare_batch_start(conn):
+    """Once per reader session, before its first batch_start."""
+    with conn.cursor() as cur:
+        cur.execute(PREPARE_BATCH_START)
+
+
+def batch_start(cur, start, max_events, begin=""):
+    """(current snapshot, end snapshot of the next batch from `start`, {sequence: value}, whether
+    it holds events, whether one may run alone); run as the first statement of the reader's
+    REPEATABLE READ transaction (`begin` opens it), so the batch's events are read with that
+    snapshot."""
+    cur.execute(begin + BATCH_START, (start, max_events))
+    current, end, values, has_events, may_run_alone = cur.fetchone()
+    return current, end, values or {}, has_events, may_run_alone
 
 
 def register(conn, name, at=None, identity=(None, None)):

@@ -113,37 +113,34 @@ class Replicator:
         self.sides = None
 
     def replicate(self):
-        quiet = False
+        quiet = looking = False
         while not self.stop_requested:
-            done = self.replay_next_batch()
+            done = self.replay_next_batch(only_events=looking)
             self.outage_over()
             self.housekeeping()
             if self.stop_requested:
                 return
-            if done is not None and done.more:
-                continue        # a catch-up step was committed: the next one at once
-            if done is not None and done.applied:
-                quiet = True
-                # more may have been committed meanwhile: drain NOTIFYs and go again at once
-                self.sides.listener.poll()
-                if self.sides.listener.notifies:
-                    self.sides.listener.notifies.clear()
-                    continue
+            if done is not None and (done.more or done.applied):
+                # a catch-up step, or more may have been committed while this batch ran (writers
+                # do not NOTIFY while we are awake): the next batch at once, if it holds events
+                quiet = looking = True
+                continue
+            looking = False
             notified = self.wait_for_notify(quiet)
             if not notified:
                 self.housekeeping(force=True)
             quiet = notified
 
     # -- one batch ------------------------------------------------------------------------------
-    def replay_next_batch(self):
+    def replay_next_batch(self, only_events=False):
         """Replay what the master committed since the last batch. Returns the Batch, or None."""
         sides = self.sides
-        batch = Batch.begin(sides, sides.position, self.config.CATCHUP_EVENTS)
+        batch = Batch.begin(sides, sides.position, self.config.CATCHUP_EVENTS, only_events)
         if batch is None:
             return None
         batch.apply(sides, self.pipeline, self.config, stopping=lambda: self.stop_requested,
                     progress=self.show_progress)
-        batch.finish(sides)
+        batch.finish(sides, self.pipeline)
         for event in batch.skipped:     # committed: now the skip has happened (skip-event)
             self.mail("warning", f"Skipped event {event.id} ({apply.describe(event)}) as told by skip-event: "
                                  f"batch {batch.batch_id} committed without it")
@@ -165,13 +162,8 @@ class Replicator:
 
     def notify_slave_listeners(self):
         """Tell the slave's own daemons (a cascade) that replayed rows were captured there."""
-        slave = self.sides.slave
-        slave.autocommit = True
-        try:
-            with slave.cursor() as cur:
-                cur.execute(f"NOTIFY {master.CHANNEL}")
-        finally:
-            slave.autocommit = False
+        with self.sides.slave.cursor() as cur:      # (an autocommit connection: sent at once)
+            cur.execute(f"NOTIFY {master.CHANNEL}")
 
     # -- housekeeping ---------------------------------------------------------------------------
     def housekeeping(self, force=False):
@@ -204,8 +196,6 @@ class Replicator:
         look for events, so that every writer committing after that look NOTIFYs (docs/design.md §3)."""
         (self.log.debug if quiet else self.log.info)("Waiting for 'NOTIFY'")
         deadline = time.monotonic() + self.config.KEEPALIVE if self.config.KEEPALIVE else None
-        if wakeup.pending(self.sides.listener, self.sides.position[0]):
-            return True                     # committed while the batch ran: no need to sleep
         while not self.stop_requested:
             found, locked = self.lock_and_look()
             if found:

@@ -63,8 +63,10 @@ class Sides:
         self.listener.autocommit = True
         master.require_installed(self.listener)
         twophase.require_two_phase_commit(self.listener, "master")
+        # autocommit: a batch opens its transactions itself (twophase.begin_with)
         self.reader = self._connect(self.config.DSN0, "master", master.SEARCH_PATH)
-        self.reader.set_session(isolation_level="REPEATABLE READ", autocommit=False)
+        self.reader.autocommit = True
+        master.prepare_batch_start(self.reader)
 
         self.log.info("Opening replica (slave) connection")
         self.slave = self._connect(self.config.DSN1, "slave", SLAVE_SEARCH_PATH)
@@ -90,7 +92,6 @@ class Sides:
         self.position = self.find_position(identity)
         apply.record_tables(self.slave, self.name, self.pipeline.tables)
         self.check_slave_tables()
-        self.slave.autocommit = False
         return self
 
     def _claim(self, identity):
