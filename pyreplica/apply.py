@@ -1,4 +1,5 @@
 """Applying events on the slave: its schema `pyreplica`, its position, and the checked replay."""
+import concurrent.futures
 import os
 import re
 from dataclasses import dataclass, field
@@ -611,7 +612,11 @@ def apply_chunk(slave_cur, events, precise=False, debug_level=0):
     (precise), so the error names the very event the master's order fails at. debug_level >= 2
     lets a DETAIL quoting a whole row into the message.
     """
-    statements = plan(events, slave_tables(slave_cur), precise)
+    run_planned(slave_cur, plan(events, slave_tables(slave_cur), precise), events, precise, debug_level)
+
+
+def run_planned(slave_cur, statements, events, precise=False, debug_level=0):
+    """apply_chunk's second half: run the statements planned for events."""
     try:
         slave_cur.execute(APPLY_EVENTS, [[s.first_event for s in statements], [s.op for s in statements],
                                          [s.relname for s in statements], [s.sql for s in statements],
@@ -628,6 +633,65 @@ def apply_chunk(slave_cur, events, precise=False, debug_level=0):
     if not precise:
         return apply_chunk(slave_cur, events, True, debug_level)
     raise _apply_error(slave_cur, statements[failed - 1], events, code, message, detail, hint, debug_level)
+
+
+class Applier:
+    """Applies a batch's chunks on the slave, in order, each as apply_chunk does.
+
+    In the background (a batch of several chunks), a worker thread runs a chunk's statements while
+    the caller plans the next: the slave's server and the daemon's Python then work at the same time
+    (psycopg2 lets go of the GIL while it waits for the server). One connection, one statement at a
+    time (psycopg2 serialises them). The tables' columns are looked up once per batch, not per
+    chunk (a lookup would wait for the chunk being applied), except after a chunk that holds an
+    administrator's statement (it may alter a table): that chunk is waited for, and the tables are
+    looked up again. A worker's error is raised by the next call, or on leaving the block; leaving
+    always waits for the worker, so the connection is idle before anyone rolls it back.
+    """
+
+    def __init__(self, conn, debug_level=0):
+        self.conn, self.debug_level = conn, debug_level
+        self.executor = self.pending = None
+        self.cursor = self.tables = None     # the planning side's, kept for the batch
+
+    def __enter__(self):
+        self.cursor = self.conn.cursor()
+        return self
+
+    def apply(self, events, background=False):
+        if self.tables is None:
+            self.wait()
+            self.tables = slave_tables(self.cursor)
+        statements = plan(events, self.tables)
+        self.wait()
+        if any(e.op == "S" for e in events):
+            self.tables = None
+        if not background:
+            self._run(statements, events)
+            return
+        if self.executor is None:
+            self.executor = concurrent.futures.ThreadPoolExecutor(1, "pyreplica-apply")
+        self.pending = self.executor.submit(self._run, statements, events)
+
+    def _run(self, statements, events):
+        with self.conn.cursor() as cur:
+            run_planned(cur, statements, events, debug_level=self.debug_level)
+
+    def wait(self):
+        """Until the chunk in the background is applied; raises its error."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()
+
+    def __exit__(self, exc_type, *exc):
+        try:
+            if exc_type is None:
+                self.wait()
+            elif self.pending is not None:
+                concurrent.futures.wait([self.pending])     # its error is not the one to raise
+        finally:
+            if self.executor is not None:
+                self.executor.shutdown(wait=True)
+            self.cursor.close()
 
 
 def _apply_error(slave_cur, statement, events, code, message, detail, hint, debug_level):

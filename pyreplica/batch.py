@@ -91,7 +91,7 @@ class Batch:
                 skips, held = apply.batch_state(cur, self.slave, twophase.BEGIN["slave"])
                 events = stream_events(sides.reader, self, settings.SKIP_USER, settings.BATCH_EVENTS,
                                        settings.BATCH_BYTES)
-                with ReadAhead(events) as chunks:
+                with ReadAhead(events) as chunks, apply.Applier(sides.slave, settings.DEBUG_LEVEL) as applier:
                     for chunk in chunks:
                         if stopping():
                             raise Stopping()
@@ -103,7 +103,8 @@ class Batch:
                             for event in chunk:
                                 log.get().debug("Executing: %s", event.sql)
                         if chunk:
-                            apply.apply_chunk(cur, chunk, debug_level=settings.DEBUG_LEVEL)
+                            # a batch read ahead has more chunks: apply this one while planning the next
+                            applier.apply(chunk, background=chunks.threaded)
                             self.applied += len(chunk)
                             progress(self)
                 if self.applied:        # (no row written, none a sequence must stay ahead of)
@@ -204,6 +205,11 @@ class ReadAhead:
 
     def __enter__(self):
         return self
+
+    @property
+    def threaded(self):
+        """More than one list: they are being read ahead."""
+        return self.thread.ident is not None
 
     def __iter__(self):
         first = next(self.generator, None)

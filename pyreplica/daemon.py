@@ -17,11 +17,8 @@ import signal
 import stat
 import sys
 
-import daemon   # python-daemon: this module is pyreplica.daemon, so the name is free
-
 from . import config as configuration, log
 from .config import EXIT_CONFIG, EXIT_FAIL, EXIT_OK
-from .service import Supervisor
 
 DEFAULT_CONF_DIR = "/etc/pyreplica"
 DEFAULT_PIDFILE = "/run/pyreplica/pyreplica.pid"
@@ -343,6 +340,10 @@ def report(fd, text):
 
 def serve(args, ready, detach):
     """Run the supervisor inside the daemon context (pid file held until it returns)."""
+    # imported here, not at the top: `pyreplica run` builds its parser from this module and should
+    # not pay for the service's imports at every start (a catch-up is timed from the start)
+    import daemon   # python-daemon: this module is pyreplica.daemon, so the name is free
+    from .service import Supervisor
     service_log = ServiceLog(args.logfile, console=not detach)
     supervisor = Supervisor(args.conf_dir, service_log)
     logstream = open(args.logfile, "a")

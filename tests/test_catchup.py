@@ -398,7 +398,7 @@ def test_catch_up_killed_every_few_seconds_commits_steps_and_converges(master, s
     with long.cursor() as cur:
         cur.execute(TRANSFER, ([1, 2], [7, -7]))
     t0 = time.monotonic()
-    logged = transfers(master, 300_000)
+    logged = transfers(master, 150_000)
     print(f"\nbacklog of {logged} events written in {time.monotonic() - t0:.1f} s")
     long.commit()
     long.close()
@@ -408,8 +408,8 @@ def test_catch_up_killed_every_few_seconds_commits_steps_and_converges(master, s
     started = time.monotonic()
     with Checker(slave) as checker:
         while True:
-            daemon = conf_daemon(master, slave, tmp_path, 20_000).start()
-            time.sleep(3)
+            daemon = conf_daemon(master, slave, tmp_path, 15_000).start()
+            time.sleep(2)
             daemon.kill()
             lives += 1
             progress.append(position(slave))
