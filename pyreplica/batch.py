@@ -20,8 +20,6 @@ import threading
 from collections import namedtuple
 from dataclasses import dataclass, field
 
-import psycopg2
-import psycopg2.extensions
 from psycopg2 import sql
 
 from . import apply, log, master, sequences, twophase
