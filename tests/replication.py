@@ -84,6 +84,16 @@ class Daemon:
         os.unlink(self.logfile.name)
 
 
+def conf_daemon(master, slave, tmp_path, **main_keys):
+    """A Daemon started with -c: a config file of the DSNs, KEEPALIVE = 60 and main_keys in [MAIN]."""
+    conf = tmp_path / "daemon.conf"
+    keys = "".join(f"{key} = {value}\n" for key, value in main_keys.items())
+    conf.write_text(f"[MAIN]\nDSN0 = {master.dsn}\nDSN1 = {slave.dsn}\nKEEPALIVE = 60\n{keys}")
+    daemon = Daemon(master, slave)
+    daemon.args = ["-c", str(conf)]
+    return daemon
+
+
 def run_cli(*args, env=None, timeout=60, cwd=ROOT):
     """Run the pyreplica command to completion: (returncode, stdout, stderr)."""
     full_env = dict(os.environ, **(env or {}))

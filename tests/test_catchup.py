@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from replication import Daemon, create_on_both, wait_identical, wait_until
+from replication import conf_daemon, create_on_both, wait_identical, wait_until
 
 COVERS = "SELECT pyreplica.snapshot_covers(%s::pg_snapshot, %s::pg_snapshot)"
 
@@ -374,15 +374,6 @@ class Checker(threading.Thread):
         self.join()
 
 
-def conf_daemon(master, slave, tmp_path, catchup_events):
-    conf = tmp_path / "catchup.conf"
-    conf.write_text(f"[MAIN]\nDSN0 = {master.dsn}\nDSN1 = {slave.dsn}\nKEEPALIVE = 60\n"
-                    f"CATCHUP_EVENTS = {catchup_events}\n")
-    daemon = Daemon(master, slave)
-    daemon.args = ["-c", str(conf)]
-    return daemon
-
-
 def position(slave):
     if slave.scalar("SELECT to_regclass('pyreplica.position')") is None:
         return 0, 0     # the daemon has not created it yet
@@ -408,7 +399,7 @@ def test_catch_up_killed_every_few_seconds_commits_steps_and_converges(master, s
     started = time.monotonic()
     with Checker(slave) as checker:
         while True:
-            daemon = conf_daemon(master, slave, tmp_path, 15_000).start()
+            daemon = conf_daemon(master, slave, tmp_path, CATCHUP_EVENTS=15_000).start()
             time.sleep(2)
             daemon.kill()
             lives += 1
@@ -429,7 +420,7 @@ def test_catch_up_killed_every_few_seconds_commits_steps_and_converges(master, s
 def test_live_replication_replays_a_small_transaction_at_once_after_a_catch_up(master, slave, tmp_path):
     create_on_both(master, slave, BANK_DDL, ["accounts"])
     logged = transfers(master, 100_000)
-    with conf_daemon(master, slave, tmp_path, 10_000) as daemon:
+    with conf_daemon(master, slave, tmp_path, CATCHUP_EVENTS=10_000) as daemon:
         wait_until(lambda: position(slave)[1] == logged, timeout=40, message="the catch-up")
         steps = position(slave)[0]
         assert steps >= 3

@@ -2,18 +2,13 @@
 next is planned (apply.Applier). Replay must stay exact in the master's order, an administrator's
 statement in one chunk must be in force for the next, and an error in a later chunk must name its
 event and leave nothing of the batch behind."""
-from replication import Daemon, create_on_both, prepared_count, wait_identical, wait_until
+from replication import conf_daemon, create_on_both, prepared_count, wait_identical, wait_until
 
 CHUNK = 20
 
 
 def chunked_daemon(master, slave, tmp_path):
-    conf = tmp_path / "chunks.conf"
-    conf.write_text(f"[MAIN]\nDSN0 = {master.dsn}\nDSN1 = {slave.dsn}\nKEEPALIVE = 60\n"
-                    f"BATCH_EVENTS = {CHUNK}\n")
-    daemon = Daemon(master, slave)
-    daemon.args = ["-c", str(conf)]
-    return daemon
+    return conf_daemon(master, slave, tmp_path, BATCH_EVENTS=CHUNK)
 
 
 def test_chunks_applied_while_the_next_is_planned_replay_exactly_across_a_schema_change(master, slave, tmp_path):
