@@ -63,7 +63,7 @@ class Sides:
         self.listener.autocommit = True
         master.require_installed(self.listener)
         twophase.require_two_phase_commit(self.listener, "master")
-        # autocommit: a batch opens its transactions itself (twophase.begin_with)
+        # autocommit: a batch opens its transactions itself (twophase.BEGIN)
         self.reader = self._connect(self.config.DSN0, "master", master.SEARCH_PATH)
         self.reader.autocommit = True
         master.prepare_batch_start(self.reader)

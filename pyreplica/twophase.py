@@ -79,12 +79,8 @@ def require_two_phase_commit(conn, side):
 # A batch's transactions are driven by SQL on autocommit connections, not by psycopg2's tpc_*
 # methods, so that BEGIN travels with a transaction's first statement and PREPARE TRANSACTION with its
 # last: four round trips less per batch, which is latency (docs/design.md §5).
+# BEGIN[side] is put before the side's first statement (master.batch_start, apply.batch_state).
 BEGIN = {"master": "BEGIN ISOLATION LEVEL REPEATABLE READ;\n", "slave": "BEGIN;\n"}
-
-
-def begin_with(cur, side, query, params=None):
-    """Open the batch's transaction on one side with `query` as its first statement."""
-    cur.execute(BEGIN[side] + query, params)
 
 
 def in_transaction(conn):
