@@ -293,6 +293,23 @@ def test_primary_key_update_of_many_rows_in_one_statement(master, slave, ids, sh
     assert_same(master, slave, "k")
 
 
+
+def test_big_update_after_a_one_row_update_in_the_same_session(master, slave):
+    # The trigger prepares its query once per backend, planned for the first statement's row
+    # count. Pairing old and new rows with a join made that a nested loop after a one-row UPDATE,
+    # and the 30,000-row UPDATE that followed in the same session quadratic (about 3 minutes here;
+    # it takes a second now, so the 60 s limit is a hang detector, not a speed assertion).
+    same_schema(master, slave, "CREATE TABLE big (id int PRIMARY KEY, v text)")
+    create_tg(master, "big")
+    master.execute("INSERT INTO big SELECT g, 'row ' || g FROM generate_series(1, 30000) g")
+    with contextlib.closing(master.connect()) as conn, conn.cursor() as cur:
+        cur.execute("SET statement_timeout = '60s'")
+        cur.execute("UPDATE big SET v = v || '.' WHERE id = 1")
+        cur.execute("UPDATE big SET v = v || '!', id = id + 30000")
+    assert master.scalar("SELECT count(*) FROM replica_log WHERE op = 'U'") == 30001
+    replay(master, slave)
+    assert_same(master, slave, "big")
+
 def test_deferrable_primary_key_is_refused(master):
     # Such a key may hold duplicates until the statement or transaction ends (UPDATE d SET id = 3 - id
     # swaps two keys), so "WHERE id = ..." replayed row by row would match two rows on a slave.
@@ -327,18 +344,22 @@ def test_quoted_schema_and_names_replay(master, slave):
 
 
 def test_wide_table_and_column_named_like_the_internals(master, slave):
-    # More than 100 columns (a function call takes at most 100 arguments) and a column whose name
-    # is the capture query's own row-number column.
+    # More than 100 columns (a function call takes at most 100 arguments) and columns named like
+    # the capture query's own: the UPDATE pairing's aliases (is_new, n, v1, o1, n1) and the
+    # row-number column of earlier versions.
     cols = ", ".join(f"c{i} int" for i in range(150))
-    same_schema(master, slave, f"CREATE TABLE wide (id int PRIMARY KEY, pyreplica_rn int, {cols})")
+    same_schema(master, slave, "CREATE TABLE wide (id int PRIMARY KEY, pyreplica_rn int, is_new bool, n int, "
+                               f"v1 int, o1 int, n1 int, {cols})")
     create_tg(master, "wide")
     master.execute("""
-        INSERT INTO wide (id, pyreplica_rn, c0, c149) VALUES (1, 10, 0, 149), (2, 20, 0, 149);
-        UPDATE wide SET pyreplica_rn = pyreplica_rn + 1, c149 = NULL, id = id + 10;
+        INSERT INTO wide (id, pyreplica_rn, is_new, n, v1, o1, n1, c0, c149)
+             VALUES (1, 10, true, 5, 6, 7, 8, 0, 149), (2, 20, false, 5, 6, 7, 8, 0, 149);
+        UPDATE wide SET pyreplica_rn = pyreplica_rn + 1, is_new = NOT is_new, n = n + 1, o1 = v1, n1 = NULL,
+                        c149 = NULL, id = id + 10;
     """)
     replay(master, slave)
     assert_same(master, slave, "wide")
-    assert master.table_rows("wide")[0][0].startswith("(11,11,0,")
+    assert master.table_rows("wide")[0][0].startswith("(11,11,f,6,6,6,,0,")
 
 
 def capture_functions(db, table):

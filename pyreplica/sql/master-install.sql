@@ -254,7 +254,7 @@ DECLARE
     cols      text[];      -- quoted names of the columns a statement writes (no generated ones)
     pk        text[] := pyreplica.py_log_pk(rel);
     overriding text := '';
-    rn        text := 'pyreplica_rn';   -- the row-number column pairing old and new rows
+    carried   text[];      -- the columns an UPDATE's pairing carries: cols, then any key column not in cols
     stmt      text;
 BEGIN
     SELECT array_agg(quote_ident(attname) ORDER BY attnum),
@@ -295,25 +295,33 @@ BEGIN
         -- Old and new rows are paired by position: PostgreSQL appends each updated row's old and
         -- new versions to the two transition tables in lockstep (trigger.c, TransitionTableAddTuple),
         -- so the k-th row of one is the k-th row of the other, even when the primary key changed.
+        -- The pairing is one pass and never a join: the old rows, then the new ones (UNION ALL keeps
+        -- that order), and each new row reads its old row n rows back with lag(), n the number of
+        -- old rows (carried by the new rows only). A join would be planned once per backend, for
+        -- the first statement's row count: a nested loop for a one-row UPDATE, quadratic for a
+        -- 20,000-row UPDATE later in the same session (82 s instead of 0.5 s). The window emits
+        -- rows in the order it reads them, so events keep the statement's row order.
         -- Values are compared by their text form, which works for every type (json has no "=")
         -- and sees changes "=" would hide (1.0 -> 1.00), byte for byte (COLLATE "C"): under a
         -- column's nondeterministic collation 'abc' and 'ABC' would compare equal.
-        WHILE quote_ident(rn) = ANY (cols) LOOP    -- a table may have a column of that name
-            rn := rn || '_';
-        END LOOP;
-        stmt := format($q$array_to_string(ARRAY[%s], ', ')$q$,
-                       (SELECT string_agg(format($e$CASE WHEN format('%%L', o.%1$s) COLLATE "C" IS DISTINCT FROM format('%%L', n.%1$s) COLLATE "C" THEN %2$L || format('%%L', n.%1$s) END$e$, c, c || ' = '), ', ')
-                          FROM unnest(cols) c));
+        carried := cols || ARRAY(SELECT c FROM unnest(pk) c WHERE c <> ALL (cols));
         RETURN format($q$INSERT INTO pyreplica.replica_log (txid, relname, op, sql)
                          SELECT pg_current_xact_id(), %L, 'U', %L || s.set_list || %L || %s
-                           FROM (SELECT row_number() OVER () AS %6$I, * FROM pyreplica_old) o
-                           JOIN (SELECT row_number() OVER () AS %6$I, * FROM pyreplica_new) n USING (%6$I)
-                          CROSS JOIN LATERAL (SELECT %5$s AS set_list) s
-                          WHERE s.set_list <> ''
-                          ORDER BY %6$I$q$,
+                           FROM (SELECT b.is_new, %s
+                                   FROM (SELECT false, 0, %s FROM pyreplica_old
+                                         UNION ALL
+                                         SELECT true, (SELECT count(*) FROM pyreplica_old)::int, %6$s FROM pyreplica_new) AS b(is_new, n, %s)) AS p
+                          CROSS JOIN LATERAL (SELECT array_to_string(ARRAY[%s], ', ') AS set_list) s
+                          WHERE p.is_new AND s.set_list <> ''$q$,
                       target, format('UPDATE %s SET ', target), ' WHERE ',
-                      (SELECT string_agg(format($e$%L || format('%%L', o.%s)$e$, c || ' = ', c), $s$ || ' AND ' || $s$) FROM unnest(pk) c),
-                      stmt, rn);
+                      (SELECT string_agg(format($e$%L || format('%%L', p.o%s)$e$, c || ' = ', array_position(carried, c)), $s$ || ' AND ' || $s$)
+                         FROM unnest(pk) c),
+                      (SELECT string_agg(format('lag(b.v%1$s, b.n) OVER () AS o%1$s, b.v%1$s AS n%1$s', i), ', ')
+                         FROM generate_series(1, cardinality(carried)) i),
+                      array_to_string(carried, ', '),
+                      (SELECT string_agg('v' || i, ', ') FROM generate_series(1, cardinality(carried)) i),
+                      (SELECT string_agg(format($e$CASE WHEN format('%%L', p.o%1$s) COLLATE "C" IS DISTINCT FROM format('%%L', p.n%1$s) COLLATE "C" THEN %2$L || format('%%L', p.n%1$s) END$e$, i, cols[i] || ' = '), ', ')
+                         FROM generate_series(1, cardinality(cols)) i));
     END IF;
     RAISE EXCEPTION 'pyreplica: unknown operation %', op;
 END
