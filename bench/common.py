@@ -243,12 +243,15 @@ def pgbench_tps(db, script, clients, seconds=None, transactions=None, warmup=0.5
     return len(counted) / (counted[-1] - start)
 
 
-def timed(db, statement, params=None, options=None):
-    """Wall seconds of one statement, commit included, on a fresh connection."""
+def timed(db, statement, params=None, options=None, before=None):
+    """Wall seconds of one statement, commit included, on a fresh connection (where `before`, when
+    given, runs first, untimed)."""
     extra = {"options": options} if options else {}
     with contextlib.closing(psycopg2.connect(db.cluster.dsn(db.name, **extra))) as conn:
         conn.autocommit = True
         with conn.cursor() as cur:
+            if before:
+                cur.execute(before)
             start = time.perf_counter()
             cur.execute(statement, params)
             return time.perf_counter() - start

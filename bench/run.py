@@ -88,8 +88,8 @@ MAIN_RATIOS = ("tps_insert_8c_vs_no_trigger", "tps_insert_16c_vs_no_trigger", "t
                "write_cpu_insert_added_us", "write_cpu_insert_pgq_added_us", "write_cpu_update_added_us",
                "write_cpu_update_pgq_added_us","write_single_insert_trigger_vs_pgq", "write_single_update_trigger_vs_pgq",
                "write_single_insert_async_trigger_vs_pgq", "write_single_update_async_trigger_vs_pgq",
-               "bulk_insert_vs_no_trigger", "catchup_vs_native", "latency_p99_vs_native", "latency_p99_ms",
-               "peak_rss_mb")
+               "bulk_insert_vs_no_trigger", "bulk_update_vs_no_trigger", "catchup_vs_native", "latency_p99_vs_native",
+               "latency_p99_ms", "peak_rss_mb")
 
 
 def format_ratios(ratios):

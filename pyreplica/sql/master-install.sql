@@ -297,10 +297,11 @@ BEGIN
         -- so the k-th row of one is the k-th row of the other, even when the primary key changed.
         -- The pairing is one pass and never a join: the old rows, then the new ones (UNION ALL keeps
         -- that order), and each new row reads its old row n rows back with lag(), n the number of
-        -- old rows (carried by the new rows only). A join would be planned once per backend, for
-        -- the first statement's row count: a nested loop for a one-row UPDATE, quadratic for a
-        -- 20,000-row UPDATE later in the same session (82 s instead of 0.5 s). The window emits
-        -- rows in the order it reads them, so events keep the statement's row order.
+        -- old rows (carried by the new rows only; lag's offset is an integer, so one UPDATE
+        -- statement may change at most 2^31 - 1 rows of a captured table). A join would be planned
+        -- once per backend, for the first statement's row count: a nested loop after a one-row
+        -- UPDATE, quadratic for a 20,000-row UPDATE later in the same session (82 s, not 0.5 s).
+        -- The window emits rows in the order it reads them, so events keep the statement's order.
         -- Values are compared by their text form, which works for every type (json has no "=")
         -- and sees changes "=" would hide (1.0 -> 1.00), byte for byte (COLLATE "C"): under a
         -- column's nondeterministic collation 'abc' and 'ABC' would compare equal.
