@@ -345,21 +345,21 @@ def test_quoted_schema_and_names_replay(master, slave):
 
 def test_wide_table_and_column_named_like_the_internals(master, slave):
     # More than 100 columns (a function call takes at most 100 arguments) and columns named like
-    # the capture query's own: the UPDATE pairing's aliases (is_new, n, v1, o1, n1) and the
+    # the capture query's own: the UPDATE pairing's aliases (is_new, n, v, o, p, s) and the
     # row-number column of earlier versions.
     cols = ", ".join(f"c{i} int" for i in range(150))
     same_schema(master, slave, "CREATE TABLE wide (id int PRIMARY KEY, pyreplica_rn int, is_new bool, n int, "
-                               f"v1 int, o1 int, n1 int, {cols})")
+                               f"v int, o int, p int, s int, {cols})")
     create_tg(master, "wide")
     master.execute("""
-        INSERT INTO wide (id, pyreplica_rn, is_new, n, v1, o1, n1, c0, c149)
-             VALUES (1, 10, true, 5, 6, 7, 8, 0, 149), (2, 20, false, 5, 6, 7, 8, 0, 149);
-        UPDATE wide SET pyreplica_rn = pyreplica_rn + 1, is_new = NOT is_new, n = n + 1, o1 = v1, n1 = NULL,
+        INSERT INTO wide (id, pyreplica_rn, is_new, n, v, o, p, s, c0, c149)
+             VALUES (1, 10, true, 5, 6, 7, 8, 9, 0, 149), (2, 20, false, 5, 6, 7, 8, 9, 0, 149);
+        UPDATE wide SET pyreplica_rn = pyreplica_rn + 1, is_new = NOT is_new, n = n + 1, o = v, p = NULL,
                         c149 = NULL, id = id + 10;
     """)
     replay(master, slave)
     assert_same(master, slave, "wide")
-    assert master.table_rows("wide")[0][0].startswith("(11,11,f,6,6,6,,0,")
+    assert master.table_rows("wide")[0][0].startswith("(11,11,f,6,6,6,,9,0,")
 
 
 def capture_functions(db, table):

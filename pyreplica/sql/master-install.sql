@@ -295,9 +295,10 @@ BEGIN
         -- Old and new rows are paired by position: PostgreSQL appends each updated row's old and
         -- new versions to the two transition tables in lockstep (trigger.c, TransitionTableAddTuple),
         -- so the k-th row of one is the k-th row of the other, even when the primary key changed.
+        -- Each row's values are formatted once, into one text[] (what is compared and written).
         -- The pairing is one pass and never a join: the old rows, then the new ones (UNION ALL keeps
-        -- that order), and each new row reads its old row n rows back with lag(), n the number of
-        -- old rows (carried by the new rows only; lag's offset is an integer, so one UPDATE
+        -- that order), and each new row reads its old row's array n rows back with lag(), n the
+        -- number of old rows (carried by the new rows only; lag's offset is an integer, so one UPDATE
         -- statement may change at most 2^31 - 1 rows of a captured table). A join would be planned
         -- once per backend, for the first statement's row count: a nested loop after a one-row
         -- UPDATE, quadratic for a 20,000-row UPDATE later in the same session (82 s, not 0.5 s).
@@ -306,22 +307,20 @@ BEGIN
         -- and sees changes "=" would hide (1.0 -> 1.00), byte for byte (COLLATE "C"): under a
         -- column's nondeterministic collation 'abc' and 'ABC' would compare equal.
         carried := cols || ARRAY(SELECT c FROM unnest(pk) c WHERE c <> ALL (cols));
+        stmt := format('ARRAY[%s]', (SELECT string_agg(format('format(''%%L'', %s)', c), ', ') FROM unnest(carried) c));
         RETURN format($q$INSERT INTO pyreplica.replica_log (txid, relname, op, sql)
                          SELECT pg_current_xact_id(), %L, 'U', %L || s.set_list || %L || %s
-                           FROM (SELECT b.is_new, %s
+                           FROM (SELECT b.is_new, lag(b.v, b.n) OVER () AS o, b.v AS n
                                    FROM (SELECT false, 0, %s FROM pyreplica_old
                                          UNION ALL
-                                         SELECT true, (SELECT count(*) FROM pyreplica_old)::int, %6$s FROM pyreplica_new) AS b(is_new, n, %s)) AS p
+                                         SELECT true, (SELECT count(*) FROM pyreplica_old)::int, %5$s FROM pyreplica_new) AS b(is_new, n, v)) AS p
                           CROSS JOIN LATERAL (SELECT array_to_string(ARRAY[%s], ', ') AS set_list) s
                           WHERE p.is_new AND s.set_list <> ''$q$,
                       target, format('UPDATE %s SET ', target), ' WHERE ',
-                      (SELECT string_agg(format($e$%L || format('%%L', p.o%s)$e$, c || ' = ', array_position(carried, c)), $s$ || ' AND ' || $s$)
+                      (SELECT string_agg(format($e$%L || p.o[%s]$e$, c || ' = ', array_position(carried, c)), $s$ || ' AND ' || $s$)
                          FROM unnest(pk) c),
-                      (SELECT string_agg(format('lag(b.v%1$s, b.n) OVER () AS o%1$s, b.v%1$s AS n%1$s', i), ', ')
-                         FROM generate_series(1, cardinality(carried)) i),
-                      array_to_string(carried, ', '),
-                      (SELECT string_agg('v' || i, ', ') FROM generate_series(1, cardinality(carried)) i),
-                      (SELECT string_agg(format($e$CASE WHEN format('%%L', p.o%1$s) COLLATE "C" IS DISTINCT FROM format('%%L', p.n%1$s) COLLATE "C" THEN %2$L || format('%%L', p.n%1$s) END$e$, i, cols[i] || ' = '), ', ')
+                      stmt,
+                      (SELECT string_agg(format($e$CASE WHEN p.o[%1$s] COLLATE "C" IS DISTINCT FROM p.n[%1$s] COLLATE "C" THEN %2$L || p.n[%1$s] END$e$, i, cols[i] || ' = '), ', ')
                          FROM generate_series(1, cardinality(cols)) i));
     END IF;
     RAISE EXCEPTION 'pyreplica: unknown operation %', op;
