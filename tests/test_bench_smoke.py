@@ -12,8 +12,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RATIO_KEYS = (
     "write_single_insert_trigger_vs_pgq", "write_single_update_trigger_vs_pgq",
     "write_single_insert_async_trigger_vs_pgq", "write_single_update_async_trigger_vs_pgq",
-    "bulk_insert_vs_no_trigger", "bulk_update_vs_no_trigger", "catchup_vs_native", "latency_p99_vs_native", "latency_p99_ms",
-    "latency_p50_ms", "peak_rss_mb",
+    "bulk_insert_vs_no_trigger", "bulk_update_vs_no_trigger", "catchup_vs_native", "latency_p99_vs_native",
+    "latency_p99_ms", "latency_p50_ms", "peak_rss_mb",
     # the writer backends' CPU per transaction (server-side accounting) and tps by clients
     "write_cpu_insert_us", "write_cpu_insert_no_trigger_us", "write_cpu_insert_added_us",
     "write_cpu_insert_pgq_added_us", "write_cpu_insert_native_added_us", "write_cpu_insert_vs_pgq",

@@ -293,7 +293,6 @@ def test_primary_key_update_of_many_rows_in_one_statement(master, slave, ids, sh
     assert_same(master, slave, "k")
 
 
-
 def test_big_update_after_a_one_row_update_in_the_same_session(master, slave):
     # The trigger prepares its query once per backend, planned for the first statement's row
     # count. Pairing old and new rows with a join made that a nested loop after a one-row UPDATE,
@@ -309,6 +308,7 @@ def test_big_update_after_a_one_row_update_in_the_same_session(master, slave):
     assert master.scalar("SELECT count(*) FROM replica_log WHERE op = 'U'") == 30001
     replay(master, slave)
     assert_same(master, slave, "big")
+
 
 def test_deferrable_primary_key_is_refused(master):
     # Such a key may hold duplicates until the statement or transaction ends (UPDATE d SET id = 3 - id
