@@ -160,6 +160,12 @@ def test_upgrade_from_the_unpartitioned_log_keeps_every_event(master_cluster, sl
         master.execute("INSERT INTO t (v) VALUES ('after')")
         assert master.scalar("SELECT max(id) FROM pyreplica.replica_log") == len(logged) + 1
         master.install_master()                           # and again: changes nothing
+        # an install from before the log's index of administrators' statements gains it on a re-run
+        admin_index = "SELECT pg_get_indexdef(to_regclass('pyreplica.replica_log_admin_idx'))"
+        assert "WHERE (op = 'S'::\"char\")" in master.scalar(admin_index)
+        master.execute("DROP INDEX pyreplica.replica_log_admin_idx")
+        master.install_master()
+        assert "WHERE (op = 'S'::\"char\")" in master.scalar(admin_index)
         with Daemon(master, slave, name="up", keepalive=1):
             wait_identical(master, slave, ["t"])
         master.psql("-f", pyreplica.MASTER_UNINSTALL_SQL)
