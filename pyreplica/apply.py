@@ -1,7 +1,10 @@
 """Applying events on the slave: its schema `pyreplica`, its position, and the checked replay."""
+import collections
 import concurrent.futures
+import operator
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -383,22 +386,31 @@ class Shape(NamedTuple):
     one fullmatch, several times faster than the general regexes."""
     regex: re.Pattern       # None: not compiled (Shapes.KEEP)
     group: tuple            # Row.group; None: statements of this shape run as they are
-    key: tuple              # indexes of the key's literals in the match's groups; None: not tracked
+    key: object             # literals -> the tuple of the key's literals; None: not tracked
     reorder: bool
     head: int               # an INSERT: length of its head, before "(values)"
     set_count: int          # an UPDATE: literals in its SET, before the key's
 
     def row(self, literals, text):
-        if self.group is None:
+        group = self.group
+        if group is None:
             return None
-        key = None if self.key is None else tuple(literals[i] for i in self.key)
-        if self.group[0] == "I":
+        op = group[0]
+        if op == "I":
             part = text[self.head:]
-        elif self.group[0] == "U":
+        elif op == "U":
             part = literals[self.set_count:] + literals[:self.set_count]
         else:
             part = literals
-        return Row(self.group, key, part, self.reorder)
+        return Row(group, None if self.key is None else self.key(literals), part, self.reorder)
+
+
+def _picker(indexes):
+    """literals -> the tuple of the literals at these indexes (itemgetter's speed, always a tuple)."""
+    if len(indexes) == 1:
+        index = indexes[0]
+        return lambda literals: (literals[index],)
+    return operator.itemgetter(*indexes)
 
 
 def _pattern(*pieces):
@@ -455,7 +467,7 @@ class Shapes:
             positions = tuple(columns.index(c) for c in table.key if c in columns) if table else ()
             reorder = table is not None and table.reorder and len(positions) == len(table.key)
             return Shape(regex, None if table is None else ("I", relname, head),
-                         positions if reorder else None, reorder, len(head), 0), literals
+                         _picker(positions) if reorder and positions else None, reorder, len(head), 0), literals
         parsed = parse_update(text) if op == "U" else parse_delete(text)
         if parsed is None or parsed[0] != relname:
             return None, None
@@ -469,7 +481,7 @@ class Shapes:
         groupable = table is not None and not set(set_columns) & set(key_columns) and all(
             c in table.types for c in set_columns + key_columns)
         return Shape(regex, (op, relname, set_columns, key_columns) if groupable else None,
-                     tuple(range(len(set_columns), len(set_columns) + len(key_columns))),
+                     _picker(range(len(set_columns), len(set_columns) + len(key_columns))),
                      groupable and table.reorder and key_columns == table.key, 0, len(set_columns)), \
             tuple(v for _, v in assignments + keys)
 
@@ -561,17 +573,19 @@ def group(statements, tables):
             planned.append(statement)
             last = None
             continue
-        current = groups.get(row.group)
-        moves = last is not None and last.group != row.group    # other groups between? only if both may move
-        if ((row.key is not None and (row.group[1], row.key) in keys) or (current is not None and current.full())
-                or (moves and not (row.reorder and last.reorder))):
+        kind, key, part, reorder = row
+        current = groups.get(kind)
+        moves = last is not None and last.group != kind     # other groups between? only if both may move
+        touched = None if key is None else (kind[1], key)   # (table, primary key): the row it changes
+        if ((touched is not None and touched in keys) or (current is not None and current.full())
+                or (moves and not (reorder and last.reorder))):
             flush()
             current = None
         if current is None:
-            current = groups[row.group] = Group(statement, row.group)
-        current.add(row.part, len(statement.sql))
-        if row.key is not None:
-            keys.add((row.group[1], row.key))
+            current = groups[kind] = Group(statement, kind)
+        current.add(part, len(statement.sql))
+        if touched is not None:
+            keys.add(touched)
         last = row
     flush()
     return planned + after_admin
@@ -638,19 +652,24 @@ def run_planned(slave_cur, statements, events, precise=False, debug_level=0):
 class Applier:
     """Applies a batch's chunks on the slave, in order, each as apply_chunk does.
 
-    In the background (a batch of several chunks), a worker thread runs a chunk's statements while
-    the caller plans the next: the slave's server and the daemon's Python then work at the same time
-    (psycopg2 lets go of the GIL while it waits for the server). One connection, one statement at a
-    time (psycopg2 serialises them). The tables' columns are looked up once per batch, not per
-    chunk (a lookup would wait for the chunk being applied), except after a chunk that holds an
-    administrator's statement (it may alter a table): that chunk is waited for, and the tables are
-    looked up again. A worker's error is raised by the next call, or on leaving the block; leaving
+    In the background (a batch of several chunks), a worker thread runs the chunks' statements while
+    the caller plans the next ones: the slave's server and the daemon's Python then work at the same
+    time (psycopg2 lets go of the GIL while it waits for the server). Up to QUEUED chunks wait planned
+    behind the one running, so the worker goes from one chunk to the next without waiting for the
+    caller's thread to be scheduled (docs/design.md §10). One connection, one statement at a time
+    (psycopg2 serialises them); once a chunk fails, the worker runs none of those queued behind it.
+    The tables' columns are looked up once per batch, not per chunk, except after a chunk that holds an
+    administrator's statement (it may alter a table): every chunk is then waited for, and the tables
+    are looked up again. A worker's error is raised by the next call, or on leaving the block; leaving
     always waits for the worker, so the connection is idle before anyone rolls it back.
     """
+    QUEUED = 1
 
     def __init__(self, conn, debug_level=0):
         self.conn, self.debug_level = conn, debug_level
-        self.executor = self.pending = None
+        self.executor = None
+        self.pending = collections.deque()  # futures of the chunks given to the worker, oldest first
+        self.failed = threading.Event()     # a chunk failed: the worker skips the ones queued after it
         self.cursor = self.tables = None     # the planning side's, kept for the batch
 
     def __enter__(self):
@@ -662,32 +681,43 @@ class Applier:
             self.wait()
             self.tables = slave_tables(self.cursor)
         statements = plan(events, self.tables)
-        self.wait()
         if any(e.op == "S" for e in events):
             self.tables = None
         if not background:
+            self.wait()
             self._run(statements, events)
             return
+        while len(self.pending) > self.QUEUED:
+            self._wait_oldest()
         if self.executor is None:
             self.executor = concurrent.futures.ThreadPoolExecutor(1, "pyreplica-apply")
-        self.pending = self.executor.submit(self._run, statements, events)
+        self.pending.append(self.executor.submit(self._run, statements, events))
 
     def _run(self, statements, events):
-        with self.conn.cursor() as cur:
-            run_planned(cur, statements, events, debug_level=self.debug_level)
+        if self.failed.is_set():
+            return      # an earlier chunk's error is the one raised
+        try:
+            with self.conn.cursor() as cur:
+                run_planned(cur, statements, events, debug_level=self.debug_level)
+        except BaseException:
+            self.failed.set()
+            raise
+
+    def _wait_oldest(self):
+        self.pending.popleft().result()
 
     def wait(self):
-        """Until the chunk in the background is applied; raises its error."""
-        pending, self.pending = self.pending, None
-        if pending is not None:
-            pending.result()
+        """Until every chunk given to the worker is applied; raises the first one's error."""
+        while self.pending:
+            self._wait_oldest()
 
     def __exit__(self, exc_type, *exc):
         try:
             if exc_type is None:
                 self.wait()
-            elif self.pending is not None:
-                concurrent.futures.wait([self.pending])     # its error is not the one to raise
+            else:
+                self.failed.set()
+                concurrent.futures.wait(self.pending)     # their error is not the one to raise
         finally:
             if self.executor is not None:
                 self.executor.shutdown(wait=True)

@@ -27,6 +27,7 @@ from . import apply, log, master, sequences, twophase
 Event = namedtuple("Event", "id txid relname op sql username")
 
 FETCH_ROWS = 2000  # rows per network fetch from the master's server-side cursor
+FIRST_CHUNK_EVENTS = 500    # a batch's first list; each next one twice as long, up to BATCH_EVENTS
 
 
 class Stopping(Exception):
@@ -137,6 +138,8 @@ def stream_events(master_conn, batch, skip_user=None, max_events=5000, max_bytes
     Reads through a cursor on the master, FETCH_ROWS at a time, so memory stays flat however large
     the batch is. DECLARE and the first FETCH go in one round trip, and a FETCH that returns fewer
     rows ends it: a small batch costs one round trip. The cursor ends with the transaction.
+    The first list is short (FIRST_CHUNK_EVENTS) and each next one twice as long, up to max_events:
+    the slave, idle until the first list is planned, starts applying sooner (docs/design.md §10).
     """
     name = sql.Identifier(f"pyreplica_batch_{batch.batch_id}")
     fetch = sql.SQL("FETCH FORWARD {} FROM {}").format(sql.Literal(FETCH_ROWS), name)
@@ -144,7 +147,7 @@ def stream_events(master_conn, batch, skip_user=None, max_events=5000, max_bytes
     with master_conn.cursor() as cur:
         cur.execute(declare, {"start": batch.start_snapshot, "end": batch.end_snapshot,
                               "skip_user": skip_user or None})
-        chunk, size = [], 0
+        chunk, size, limit = [], 0, min(max_events, FIRST_CHUNK_EVENTS)
         while True:
             rows = cur.fetchall()
             for row in rows:
@@ -152,9 +155,9 @@ def stream_events(master_conn, batch, skip_user=None, max_events=5000, max_bytes
                 chunk.append(event)
                 size += len(event.sql)
                 # never between the TRUNCATEs of one statement: they replay as one (apply.plan)
-                if (len(chunk) >= max_events or size >= max_bytes) and event.op != "T":
+                if (len(chunk) >= limit or size >= max_bytes) and event.op != "T":
                     yield chunk, False
-                    chunk, size = [], 0
+                    chunk, size, limit = [], 0, min(max_events, limit * 2)
             if len(rows) < FETCH_ROWS:
                 break
             cur.execute(fetch)
