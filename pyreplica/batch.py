@@ -45,34 +45,46 @@ class Batch:
     applied: int = 0            # events applied (after filters)
     sequences: dict = field(default_factory=dict)   # the master's sequence values, read at begin
     may_run_alone: bool = False # it holds a statement apply.run_alone may have to run first
+    reader: object = field(default=None, repr=False)    # the master connection it reads and is recorded on
+    first_rows: list = field(default=None, repr=False)  # its cursor's first FETCH, when read ahead (open_cursor)
     _gids: dict = field(default_factory=dict, repr=False)
 
     # -- the steps ------------------------------------------------------------------------------
     @classmethod
-    def begin(cls, sides, position, max_events=None, only_events=False):
+    def begin(cls, sides, position, max_events=None, only_events=False, reader=None):
         """Open the master's side and choose the end snapshot: the current one, or a tick when more
         than max_events events are pending (None: no bound). None when nothing was committed since,
         or, with only_events, when no event was: a batch without events still moves the position
         past other transactions (what add-table and switchover wait for), but costs a two-phase
-        commit, so it is for a daemon that was woken, not one looking for more after a batch."""
+        commit, so it is for a daemon that was woken, not one looking for more after a batch.
+        `reader`: the master connection to read with (default sides.reader), idle."""
         start_snapshot, last_batch = position
-        batch = cls(sides.name, last_batch + 1, start_snapshot, sides.token)
+        reader = reader or sides.reader
+        batch = cls(sides.name, last_batch + 1, start_snapshot, sides.token, reader=reader)
         try:
-            with sides.reader.cursor() as cur:
+            with reader.cursor() as cur:
                 # first statement of the REPEATABLE READ transaction: the event query reads with
                 # this very snapshot, which contains any tick chosen as the end
                 current, batch.end_snapshot, batch.sequences, has_events, batch.may_run_alone = \
                     master.batch_start(cur, start_snapshot, max_events, twophase.BEGIN["master"])
                 batch.more = batch.end_snapshot != current
         except BaseException:
-            abandon(sides)
+            twophase.rollback(reader)
             raise
         if batch.end_snapshot == batch.start_snapshot or (only_events and not has_events):
-            twophase.rollback(sides.reader)
+            twophase.rollback(reader)
             return None
         return batch
 
-    def apply(self, sides, pipeline, settings, stopping=lambda: False, progress=lambda b: None):
+    def open_cursor(self, skip_user=None):
+        """DECLARE the batch's event cursor and FETCH its first rows now (what stream_events does
+        first), so that a step read ahead has its first chunk ready when it starts."""
+        with self.reader.cursor() as cur:
+            cur.execute(*cursor_statements(self, skip_user)[0])
+            self.first_rows = cur.fetchall()
+
+    def apply(self, sides, pipeline, settings, stopping=lambda: False, progress=lambda b: None,
+              read_all=lambda b: None):
         """Replay the batch's events into the slave's open transaction, and its new position.
 
         First, in their own committed transactions, the administrator's statements that must not
@@ -80,17 +92,19 @@ class Batch:
         out and marked skipped in the batch's transaction (self.skipped, for the caller's mail), and
         so are those of the tables add-table or remove-table hold out of the stream (§13).
         Last, when it applied any event, the slave's sequences are brought up to the master's values
-        read at begin (sequences.catch_up)."""
+        read at begin (sequences.catch_up). read_all(self) runs once the batch's events are all read,
+        in the thread that read them, while the last chunks are still planned and applied (a
+        catch-up step reads the next one ahead then); the batch waits for it before it ends."""
         self.skipped = []
         try:
             if self.may_run_alone:
-                apply.before_batch(sides.slave, sides.reader, self,
+                apply.before_batch(sides.slave, self.reader, self,
                                    lambda rows: pipeline([Event(*row) for row in rows]), settings.SKIP_USER)
             with sides.slave.cursor() as cur:
                 skips, held = apply.batch_state(cur, self.slave, twophase.BEGIN["slave"])
-                events = stream_events(sides.reader, self, settings.SKIP_USER, settings.BATCH_EVENTS,
+                events = stream_events(self.reader, self, settings.SKIP_USER, settings.BATCH_EVENTS,
                                        settings.BATCH_BYTES)
-                with ReadAhead(events) as chunks, apply.Applier(sides.slave, settings.DEBUG_LEVEL) as applier:
+                with ReadAhead(events, lambda: read_all(self)) as chunks, apply.Applier(sides.slave, settings.DEBUG_LEVEL) as applier:
                     for chunk in chunks:
                         if stopping():
                             raise Stopping()
@@ -109,26 +123,25 @@ class Batch:
                 if self.applied:        # (no row written, none a sequence must stay ahead of)
                     sequences.catch_up(cur, self.sequences, sides.sequences)
         except BaseException:
-            abandon(sides)
+            self.abandon(sides)
             raise
 
     def finish(self, sides, pipeline):
         """Write the slave's new position, PREPARE both sides, then COMMIT PREPARED both (twophase's
         order)."""
-        twophase.prepare_and_commit(sides.reader, sides.slave, self, apply.position_statement(self, pipeline.tables))
+        twophase.prepare_and_commit(self.reader, sides.slave, self, apply.position_statement(self, pipeline.tables))
+
+    def abandon(self, sides):
+        """Roll back the batch in flight (nothing of it is prepared yet)."""
+        for conn in (sides.slave, self.reader):
+            if conn is not None:
+                twophase.rollback(conn)
 
     def gid(self, side):
         """This batch's transaction name on one side (twophase's format), the same on every call."""
         if side not in self._gids:
             self._gids[side] = twophase.make_gid(self.slave, self.batch_id, side, self.token)
         return self._gids[side]
-
-
-def abandon(sides):
-    """Roll back the batch in flight (nothing of it is prepared yet)."""
-    for conn in (sides.slave, sides.reader):
-        if conn is not None:
-            twophase.rollback(conn)
 
 
 def stream_events(master_conn, batch, skip_user=None, max_events=5000, max_bytes=8 << 20):
@@ -141,15 +154,15 @@ def stream_events(master_conn, batch, skip_user=None, max_events=5000, max_bytes
     The first list is short (FIRST_CHUNK_EVENTS) and each next one twice as long, up to max_events:
     the slave, idle until the first list is planned, starts applying sooner (docs/design.md §10).
     """
-    name = sql.Identifier(f"pyreplica_batch_{batch.batch_id}")
-    fetch = sql.SQL("FETCH FORWARD {} FROM {}").format(sql.Literal(FETCH_ROWS), name)
-    declare = sql.SQL("DECLARE {} NO SCROLL CURSOR FOR {}; {}").format(name, sql.SQL(master.BATCH_EVENTS), fetch)
+    declare, fetch = cursor_statements(batch, skip_user)
     with master_conn.cursor() as cur:
-        cur.execute(declare, {"start": batch.start_snapshot, "end": batch.end_snapshot,
-                              "skip_user": skip_user or None})
+        if batch.first_rows is None:
+            cur.execute(*declare)
+            rows = cur.fetchall()
+        else:       # read ahead (Batch.open_cursor)
+            rows, batch.first_rows = batch.first_rows, None
         chunk, size, limit = [], 0, min(max_events, FIRST_CHUNK_EVENTS)
         while True:
-            rows = cur.fetchall()
             for row in rows:
                 event = Event(*row)
                 chunk.append(event)
@@ -161,8 +174,17 @@ def stream_events(master_conn, batch, skip_user=None, max_events=5000, max_bytes
             if len(rows) < FETCH_ROWS:
                 break
             cur.execute(fetch)
+            rows = cur.fetchall()
         if chunk:
             yield chunk, True
+
+
+def cursor_statements(batch, skip_user=None):
+    """((DECLARE the batch's cursor and FETCH its first rows, params), FETCH the next rows)."""
+    name = sql.Identifier(f"pyreplica_batch_{batch.batch_id}")
+    fetch = sql.SQL("FETCH FORWARD {} FROM {}").format(sql.Literal(FETCH_ROWS), name)
+    declare = sql.SQL("DECLARE {} NO SCROLL CURSOR FOR {}; {}").format(name, sql.SQL(master.BATCH_EVENTS), fetch)
+    return (declare, {"start": batch.start_snapshot, "end": batch.end_snapshot, "skip_user": skip_user or None}), fetch
 
 
 class ReadAhead:
@@ -171,14 +193,15 @@ class ReadAhead:
     Lets the master's cursor fetch the next chunk while the slave applies this one (psycopg2
     releases the GIL while it waits on the network). Memory stays bounded by depth chunks. The first
     list is read here: when it is the last one (most batches of a daemon that keeps up), no thread
-    is started, whose start and hand-overs would cost a small batch more than the read. Use as a
-    context manager: on exit the thread is stopped and joined, so the master connection is free
-    again before anyone rolls it back.
+    is started, whose start and hand-overs would cost a small batch more than the read. `after()`
+    runs once every list is read, in the thread that read them. Use as a context manager: on exit
+    the thread is stopped and joined, so the master connection is free again before anyone rolls
+    it back.
     """
     _DONE = object()
 
-    def __init__(self, generator, depth=2):
-        self.generator = generator
+    def __init__(self, generator, after=lambda: None, depth=2):
+        self.generator, self.after = generator, after
         self.queue = queue.Queue(maxsize=depth)
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._produce, name="pyreplica-read-ahead", daemon=True)
@@ -202,7 +225,8 @@ class ReadAhead:
             return
         finally:
             self.generator.close()
-        self._put((self._DONE, None))
+        if self._put((self._DONE, None)):
+            self.after()
 
     def __enter__(self):
         return self
@@ -221,6 +245,7 @@ class ReadAhead:
             self.thread.start()
         yield chunk
         if last:
+            self.after()
             return
         while True:
             item, error = self.queue.get()

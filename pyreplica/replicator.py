@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import psycopg2
 
-from . import apply, log, master, wakeup
+from . import apply, log, master, twophase, wakeup
 from .batch import Batch, Stopping
 from .db import ConnectionLost, ReplicaError, first_line, is_connection_error
 from .filters import Pipeline
@@ -40,6 +40,8 @@ class Replicator:
         self.pipeline = Pipeline(config.TABLES, config.FILTERS)
         self.stop_requested = False
         self.sides = None
+        self.next_step = None       # a catch-up step begun while the previous one was applied
+        self._read_ahead_failed = False
         self.wakeup = None
         self._last_prune, self._last_summary = 0.0, time.monotonic()
         self._summary = [0, 0]      # events, batches since the last summary line
@@ -108,6 +110,7 @@ class Replicator:
         return 0
 
     def disconnect(self):
+        self.next_step = None       # (its transaction ends with its connection)
         if self.sides is not None:
             self.sides.close()
         self.sides = None
@@ -135,12 +138,18 @@ class Replicator:
     def replay_next_batch(self, only_events=False):
         """Replay what the master committed since the last batch. Returns the Batch, or None."""
         sides = self.sides
-        batch = Batch.begin(sides, sides.position, self.config.CATCHUP_EVENTS, only_events)
+        batch = self.take_next_step()
+        if batch is None:
+            batch = Batch.begin(sides, sides.position, self.config.CATCHUP_EVENTS, only_events)
         if batch is None:
             return None
-        batch.apply(sides, self.pipeline, self.config, stopping=lambda: self.stop_requested,
-                    progress=self.show_progress)
-        batch.finish(sides, self.pipeline)
+        try:
+            batch.apply(sides, self.pipeline, self.config, stopping=lambda: self.stop_requested,
+                        progress=self.show_progress, read_all=self.begin_next_step)
+            batch.finish(sides, self.pipeline)
+        except BaseException:
+            self.drop_next_step()
+            raise
         for event in batch.skipped:     # committed: now the skip has happened (skip-event)
             self.mail("warning", f"Skipped event {event.id} ({apply.describe(event)}) as told by skip-event: "
                                  f"batch {batch.batch_id} committed without it")
@@ -151,6 +160,46 @@ class Replicator:
         self._summary[1] += 1
         self.log.debug("Batch %s committed: %s events", batch.batch_id, batch.applied)
         return batch
+
+    def begin_next_step(self, batch):
+        """Once a catch-up step's events are read, while its last chunks are planned and applied:
+        begin the next step on the other reader connection and read its first rows, so the slave
+        waits less between steps (docs/design.md §10). Runs in the batch's reading thread. Best
+        effort: when this fails, the next step begins as usual, after this one."""
+        if not batch.more or self.stop_requested:
+            return
+        reader = None
+        try:
+            reader = self.sides.other_reader(batch.reader)
+            step = Batch.begin(self.sides, (batch.end_snapshot, batch.batch_id), self.config.CATCHUP_EVENTS,
+                               only_events=True, reader=reader)
+            if step is not None:
+                step.open_cursor(self.config.SKIP_USER)
+        except (psycopg2.Error, ReplicaError) as e:
+            # e.g. a connection limit that leaves no room for the spare reader: said once a life
+            (self.log.debug if self._read_ahead_failed else self.log.warning)(
+                "Could not read the next catch-up step ahead (the catch-up goes on, one step after "
+                "the other): %s", first_line(e))
+            self._read_ahead_failed = True
+            if reader is not None:
+                twophase.rollback(reader)
+            if reader is not None and reader is self.sides.spare:
+                self.sides.drop_spare()
+            return
+        self.next_step = step
+
+    def take_next_step(self):
+        """The step begin_next_step read ahead, when it starts where the slave is now."""
+        step, self.next_step = self.next_step, None
+        if step is not None and (step.start_snapshot, step.batch_id - 1) != tuple(self.sides.position):
+            twophase.rollback(step.reader)
+            return None
+        return step
+
+    def drop_next_step(self):
+        step, self.next_step = self.next_step, None
+        if step is not None:
+            twophase.rollback(step.reader)
 
     def show_progress(self, batch):
         """A line every SUMMARY_EVERY seconds while a big batch (a catch-up) is being applied."""

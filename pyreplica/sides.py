@@ -1,7 +1,10 @@
-"""Start-up (docs/design.md §6): the daemon's three connections, the checks, recovery, the position.
+"""Start-up (docs/design.md §6): the daemon's connections, the checks, recovery, the position.
 
     listener  master, autocommit: LISTEN, registry calls, pruning
-    reader    master, REPEATABLE READ: one batch's snapshot and events, prepared with the batch
+    reader    master, REPEATABLE READ: one batch's snapshot and events; then, in a transaction of its
+              own, the master's record of the batch, prepared with the batch
+    spare     master, as reader, opened at the first catch-up step: the two take turns, one reading
+              the next step ahead while the other's step is applied and committed
     slave     slave: the replayed changes and the slave's position, prepared with the batch
 """
 import psycopg2
@@ -47,10 +50,32 @@ class Sides:
     def __init__(self, config, name, pipeline, log):
         self.config, self.name, self.pipeline, self.log = config, name, pipeline, log
         self.listener = self.reader = self.slave = None
+        self.spare = None           # a second reader, for a catch-up step read ahead (opened at first use)
         self.token = None
         self.position = None        # (snapshot, batch_id) committed on the slave
         self.cascading = False      # the slave is itself a master: wake its own daemons after a batch
         self.sequences = {}         # sequence -> value this daemon last brought the slave to
+
+    def other_reader(self, busy):
+        """The reader connection `busy` is not: sides.reader, or the spare one (connected here the
+        first time it is needed), for a catch-up step read ahead while another is applied."""
+        if busy is not self.reader:
+            return self.reader
+        if self.spare is None:
+            self.spare = self._open_reader()
+        return self.spare
+
+    def drop_spare(self):
+        """Close the spare reader (it failed): the next catch-up step opens a new one."""
+        close_quietly(self.spare)
+        self.spare = None
+
+    def _open_reader(self):
+        # autocommit: a batch opens its transactions itself (twophase.BEGIN)
+        reader = self._connect(self.config.DSN0, "master", master.SEARCH_PATH)
+        reader.autocommit = True
+        master.prepare_batch_start(reader)
+        return reader
 
     def _connect(self, dsn, side, search_path):
         client, server = keepalive_settings(self.config.PEER_TIMEOUT)
@@ -63,10 +88,7 @@ class Sides:
         self.listener.autocommit = True
         master.require_installed(self.listener)
         twophase.require_two_phase_commit(self.listener, "master")
-        # autocommit: a batch opens its transactions itself (twophase.BEGIN)
-        self.reader = self._connect(self.config.DSN0, "master", master.SEARCH_PATH)
-        self.reader.autocommit = True
-        master.prepare_batch_start(self.reader)
+        self.reader = self._open_reader()
 
         self.log.info("Opening replica (slave) connection")
         self.slave = self._connect(self.config.DSN1, "slave", SLAVE_SEARCH_PATH)
@@ -179,6 +201,6 @@ class Sides:
         return snapshot, 0
 
     def close(self):
-        for conn in (self.reader, self.slave, self.listener):
+        for conn in (self.reader, self.spare, self.slave, self.listener):
             close_quietly(conn)
-        self.listener = self.reader = self.slave = None
+        self.listener = self.reader = self.spare = self.slave = None

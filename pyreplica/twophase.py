@@ -81,6 +81,10 @@ def require_two_phase_commit(conn, side):
 # last: four round trips less per batch, which is latency (docs/design.md §5).
 # BEGIN[side] is put before the side's first statement (master.batch_start, apply.batch_state).
 BEGIN = {"master": "BEGIN ISOLATION LEVEL REPEATABLE READ;\n", "slave": "BEGIN;\n"}
+# The master's record of the slave is written in a transaction of its own, after the reading one
+# ends: a catch-up step read ahead (replicator.begin_next_step) has a snapshot older than the
+# previous step's record, which its REPEATABLE READ transaction could not update. Same round trip.
+MASTER_RECORD_BEGIN = b"COMMIT;\nBEGIN ISOLATION LEVEL READ COMMITTED;\n"
 
 
 def in_transaction(conn):
@@ -101,11 +105,11 @@ def rollback(conn, prepared_gid=None):
         pass
 
 
-def _prepare(conn, side, gid, query, params):
+def _prepare(conn, side, gid, query, params, before=b""):
     """Run the transaction's last statement and PREPARE it, in one round trip."""
     try:
         with conn.cursor() as cur:
-            cur.execute(cur.mogrify(query, params) + b";\n" + cur.mogrify("PREPARE TRANSACTION %s", (gid,)))
+            cur.execute(before + cur.mogrify(query, params) + b";\n" + cur.mogrify("PREPARE TRANSACTION %s", (gid,)))
     except psycopg2.Error as e:
         reason = RETRYABLE_PREPARE.get(getattr(e, "pgcode", None))
         if reason is None:
@@ -130,7 +134,7 @@ def prepare_and_commit(master_conn, slave_conn, batch, slave_last):
         slave_prepared = True
         faults.point("after_slave_prepare")
         _prepare(master_conn, "master", master_gid, master.CONFIRM,
-                 (batch.slave, batch.end_snapshot, batch.batch_id, batch.applied))
+                 (batch.slave, batch.end_snapshot, batch.batch_id, batch.applied), MASTER_RECORD_BEGIN)
     except BaseException:
         # The master never recorded the batch: undo both sides now (a refused PREPARE is retried
         # on these very connections) rather than at the next start (recovery would roll the

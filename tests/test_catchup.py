@@ -431,3 +431,45 @@ def test_live_replication_replays_a_small_transaction_at_once_after_a_catch_up(m
         assert position(slave) == (steps + 1, logged + 2)   # one batch, woken by NOTIFY
         assert daemon.stop() == 0
     print(f"\nlive transaction replayed in {took * 1000:.0f} ms after {steps} catch-up steps")
+
+
+# -- the next step read ahead (replicator.begin_next_step) -------------------------------------
+def stuck_in_a_transaction(master):
+    """The daemon's master sessions that have sat in an open transaction for over a second (a
+    snapshot held, which holds back vacuum and, here, would be a step read ahead and never ended)."""
+    return master.scalar("""SELECT count(*) FROM pg_stat_activity
+                             WHERE application_name = 'pyreplica' AND datname = current_database()
+                               AND state LIKE 'idle in transaction%%'
+                               AND state_change < clock_timestamp() - interval '1 second'""")
+
+
+def test_a_step_that_fails_after_the_next_was_read_ahead_is_retried_from_where_the_slave_is(master, slave, tmp_path):
+    create_on_both(master, slave, BANK_DDL + "CREATE TABLE marker (id int PRIMARY KEY);", ["accounts", "marker"])
+    # two steps, cut by ticks taken here (each part is written in well under the second that keeps
+    # the capture from ticking on its own): the first step ends with the marker row, which the slave
+    # already has, so that step fails at its very last event, after the next one was read ahead
+    master.execute("SELECT pyreplica.tick('0')")
+    logged = transfers(master, 1000, writers=1)
+    master.execute("INSERT INTO marker VALUES (1)")
+    master.execute("SELECT pyreplica.tick('0')")
+    logged += transfers(master, 1000, writers=1) + 1
+    master.execute("SELECT pyreplica.tick('0')")
+    slave.execute("INSERT INTO marker VALUES (1)")
+    # (steps of at most about 900 events: the first ends at the second tick, the marker's)
+    with conf_daemon(master, slave, tmp_path, CATCHUP_EVENTS=900, BATCH_EVENTS=100, RETRY_MAX=1) as daemon:
+        daemon.wait_for_output("(INSERT on public.marker): duplicate key")
+        time.sleep(3)       # retried every second meanwhile, each time reading the next step ahead
+        assert daemon.output.count("Could not read the next catch-up step ahead") == 0, daemon.output
+        readers = master.scalar("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pyreplica' "
+                                "AND datname = current_database()")
+        assert readers == 3, "the next step was read ahead, on a second reader connection"
+        assert position(slave) == (0, 0), "nothing of the failing step may be committed"
+        assert stuck_in_a_transaction(master) == 0, "a step read ahead was left open"
+        slave.execute("DELETE FROM marker")
+        wait_until(lambda: position(slave)[1] == logged, timeout=30, message="the catch-up after the fix")
+        wait_identical(master, slave, ["accounts", "marker"], timeout=10)
+        assert position(slave)[0] >= 2, "committed in steps"
+        assert daemon.stop() == 0
+    for db in (master, slave):
+        assert db.scalar("SELECT count(*) FROM pg_prepared_xacts") == 0
+    assert stuck_in_a_transaction(master) == 0
