@@ -40,6 +40,7 @@ class Batch:
     batch_id: int               # previous batch's id + 1
     start_snapshot: str         # master snapshot the slave has applied up to
     token: str                  # the slave's identity token, part of the gids
+    identity: tuple = None      # the slave's (system identifier, database): its record on the master checks it
     end_snapshot: str = None    # master snapshot this batch brings it to
     more: bool = False          # a catch-up step: the master had committed more than this batch
     applied: int = 0            # events applied (after filters)
@@ -60,7 +61,7 @@ class Batch:
         `reader`: the master connection to read with (default sides.reader), idle."""
         start_snapshot, last_batch = position
         reader = reader or sides.reader
-        batch = cls(sides.name, last_batch + 1, start_snapshot, sides.token, reader=reader)
+        batch = cls(sides.name, last_batch + 1, start_snapshot, sides.token, sides.identity, reader=reader)
         try:
             with reader.cursor() as cur:
                 # first statement of the REPEATABLE READ transaction: the event query reads with

@@ -123,7 +123,7 @@ def clone(config, name):
             restore(dump, listing, client_dsn(config.DSN1, tmp, "slave"), slave_epilogue(name, snapshot))
         conn.autocommit = True
         with conn.cursor() as cur:
-            master.confirm(cur, name, snapshot, 0, 0)
+            master.confirm(cur, name, snapshot, 0, 0, identity)
         logger.info("Clone done: slave %s registered at snapshot %s; start `pyreplica run` for it", name, snapshot)
         return 0
     except BaseException:

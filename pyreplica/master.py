@@ -10,7 +10,7 @@ CHANNEL = "replicas"                    # the capture trigger's NOTIFY channel
 SEARCH_PATH = "pg_catalog, pg_temp"     # pinned in every master session the daemon opens
 
 # the newest function of master-install.sql: an older install of this layout must be re-run
-INSTALLED = "SELECT to_regprocedure('pyreplica.sequence_values()') IS NOT NULL"
+INSTALLED = "SELECT to_regprocedure('pyreplica.confirm(text,pg_snapshot,bigint,bigint,text,text)') IS NOT NULL"
 ANY_INSTALL = "SELECT to_regprocedure('pyreplica.unapplied(pg_snapshot)') IS NOT NULL"
 OLD_INSTALL = "SELECT to_regprocedure('public.replica_confirm(text,pg_snapshot,bigint,bigint)') IS NOT NULL"
 CAPTURED_TABLES = """
@@ -46,7 +46,7 @@ BATCH_START = "EXECUTE pyreplica_batch_start (%s::pg_snapshot, %s::bigint)"
 REGISTER = "SELECT pyreplica.register_slave(%s::text, %s::pg_snapshot, %s::text, %s::text)::text"
 CLAIM = "SELECT confirmed, batch_id, start_snapshot FROM pyreplica.claim_slave(%s::text, %s::text, %s::text)"
 LOG_START = "SELECT pyreplica.log_start()::text"
-CONFIRM = "SELECT pyreplica.confirm(%s::text, %s::pg_snapshot, %s::bigint, %s::bigint)"
+CONFIRM = "SELECT pyreplica.confirm(%s::text, %s::pg_snapshot, %s::bigint, %s::bigint, %s::text, %s::text)"
 REWIND = "SELECT pyreplica.rewind_slave(%s::text, %s::pg_snapshot, %s::bigint)"
 TOUCH = "SELECT pyreplica.touch(%s::text)"
 PRUNE = "SELECT pyreplica.prune()"
@@ -151,8 +151,10 @@ def log_start(conn):
     return fetch_one(conn, LOG_START)
 
 
-def confirm(cur, name, snapshot, batch_id, events):
-    cur.execute(CONFIRM, (name, snapshot, batch_id, events))
+def confirm(cur, name, snapshot, batch_id, events, identity):
+    """Record the slave's position; refused when the name now belongs to another slave identity
+    (system id, database)."""
+    cur.execute(CONFIRM, (name, snapshot, batch_id, events, *identity))
 
 
 def rewind(cur, name, snapshot, batch_id):

@@ -52,6 +52,7 @@ class Sides:
         self.listener = self.reader = self.slave = None
         self.spare = None           # a second reader, for a catch-up step read ahead (opened at first use)
         self.token = None
+        self.identity = None        # (system identifier, database) of the slave
         self.position = None        # (snapshot, batch_id) committed on the slave
         self.cascading = False      # the slave is itself a master: wake its own daemons after a batch
         self.sequences = {}         # sequence -> value this daemon last brought the slave to
@@ -102,7 +103,7 @@ class Sides:
         with self.slave.cursor() as cur:
             apply.start_session(cur)
         self.log.info("Encoding for this connections are %s %s", self.listener.encoding, self.slave.encoding)
-        identity = tuple(fetch_row(self.slave, SLAVE_IDENTITY))
+        identity = self.identity = tuple(fetch_row(self.slave, SLAVE_IDENTITY))
         self.token = twophase.identity_token(identity)
 
         with self.listener.cursor() as cur:
@@ -172,7 +173,7 @@ class Sides:
             if recorded < batch_id:
                 self.log.warning("The master's record of slave %s is at batch %s, the slave at %s: "
                                  "recording the slave's position", self.name, recorded, batch_id)
-                master.confirm(cur, self.name, snapshot, batch_id, 0)
+                master.confirm(cur, self.name, snapshot, batch_id, 0, identity)
             elif recorded > batch_id:
                 self.log.warning("The master's record of slave %s is at batch %s but the slave at %s: "
                                  "replaying from the slave's position", self.name, recorded, batch_id)

@@ -134,7 +134,8 @@ def prepare_and_commit(master_conn, slave_conn, batch, slave_last):
         slave_prepared = True
         faults.point("after_slave_prepare")
         _prepare(master_conn, "master", master_gid, master.CONFIRM,
-                 (batch.slave, batch.end_snapshot, batch.batch_id, batch.applied), MASTER_RECORD_BEGIN)
+                 (batch.slave, batch.end_snapshot, batch.batch_id, batch.applied, *batch.identity),
+                 MASTER_RECORD_BEGIN)
     except BaseException:
         # The master never recorded the batch: undo both sides now (a refused PREPARE is retried
         # on these very connections) rather than at the next start (recovery would roll the

@@ -1328,24 +1328,42 @@ END
 $fn$;
 COMMENT ON FUNCTION pyreplica.claim_slave(text, text, text) IS 'pyreplica: check (or record) which slave owns a name';
 
-CREATE OR REPLACE FUNCTION pyreplica.confirm(slave text, snap pg_snapshot, batch bigint, events bigint)
+-- Record a slave's new position, only as long as the name still belongs to that slave: a daemon
+-- still running after drop-slave, whose name was then registered for another slave, must not move
+-- that one's record (pruning trusts it). The identity is claim_slave's; a record that has none yet
+-- (registered, never claimed) takes any.
+DROP FUNCTION IF EXISTS pyreplica.confirm(text, pg_snapshot, bigint, bigint);
+CREATE OR REPLACE FUNCTION pyreplica.confirm(slave text, snap pg_snapshot, batch bigint, events bigint,
+                                             slave_system_id text, slave_database text)
 RETURNS void
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $fn$
+DECLARE
+    s pyreplica.replica_slaves;
 BEGIN
-    UPDATE pyreplica.replica_slaves
+    UPDATE pyreplica.replica_slaves r
        SET confirmed = snap, batch_id = batch, applied = applied + events,
            confirmed_at = now(), last_contact = now()
-     WHERE name = slave;
+     WHERE r.name = slave
+       AND (r.slave_system_id IS NULL
+            OR (r.slave_system_id, r.slave_database) = (confirm.slave_system_id, confirm.slave_database));
+    IF FOUND THEN
+        RETURN;
+    END IF;
+    SELECT * INTO s FROM pyreplica.replica_slaves r WHERE r.name = slave;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'pyreplica: slave "%" is not registered on this master (dropped with drop-slave?)', slave
             USING HINT = 'Register it again with pyreplica clone, or start the daemon with a new slave database.';
     END IF;
+    RAISE EXCEPTION 'pyreplica: slave name "%" belongs to another slave (database % of server %), not to this one (database % of server %)',
+                    slave, s.slave_database, s.slave_system_id, confirm.slave_database, confirm.slave_system_id
+        USING HINT = 'The name was dropped (drop-slave) and given to another slave while this daemon ran: stop it; this slave needs a new name and a clone.',
+              ERRCODE = 'PR002';
 END
 $fn$;
-COMMENT ON FUNCTION pyreplica.confirm(text, pg_snapshot, bigint, bigint) IS 'pyreplica: record a slave''s new position';
+COMMENT ON FUNCTION pyreplica.confirm(text, pg_snapshot, bigint, bigint, text, text) IS 'pyreplica: record a slave''s new position';
 
 -- Bring a slave's record back to the slave's own position when the record got ahead of it (an
 -- operator committed the master's side of an in-doubt batch and rolled back the slave's, or the
@@ -2029,7 +2047,7 @@ BEGIN
     GRANT EXECUTE ON FUNCTION pyreplica.captured_tables(), pyreplica.py_log_is_captured(regclass), pyreplica.py_log_is_capture_fn(oid),
         pyreplica.unapplied(pg_snapshot),
         pyreplica.register_slave(text, pg_snapshot, text, text), pyreplica.log_start(),
-        pyreplica.claim_slave(text, text, text), pyreplica.confirm(text, pg_snapshot, bigint, bigint),
+        pyreplica.claim_slave(text, text, text), pyreplica.confirm(text, pg_snapshot, bigint, bigint, text, text),
         pyreplica.rewind_slave(text, pg_snapshot, bigint),
         pyreplica.batch_end(pg_snapshot, pg_snapshot, bigint), pyreplica.snapshot_covers(pg_snapshot, pg_snapshot),
         pyreplica.touch(text), pyreplica.prune(), pyreplica.drop_slave(text),
