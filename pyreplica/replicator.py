@@ -166,8 +166,8 @@ class Replicator:
         begin the next step on the other reader connection and read its first rows, so the slave
         waits less between steps (docs/design.md §10). Runs in the batch's reading thread. Best
         effort: when this fails, the next step begins as usual, after this one."""
-        if not batch.more or self.stop_requested:
-            return
+        if not batch.more or self.stop_requested or self.prune_due():
+            return      # (a step read ahead holds the log's partitions: no prune could empty one)
         reader = None
         try:
             reader = self.sides.other_reader(batch.reader)
@@ -175,7 +175,7 @@ class Replicator:
                                only_events=True, reader=reader)
             if step is not None:
                 step.open_cursor(self.config.SKIP_USER)
-        except (psycopg2.Error, ReplicaError) as e:
+        except Exception as e:      # (in the read-ahead thread: nothing may escape, nothing stay open)
             # e.g. a connection limit that leaves no room for the spare reader: said once a life
             (self.log.debug if self._read_ahead_failed else self.log.warning)(
                 "Could not read the next catch-up step ahead (the catch-up goes on, one step after "
@@ -215,9 +215,12 @@ class Replicator:
             cur.execute(f"NOTIFY {master.CHANNEL}")
 
     # -- housekeeping ---------------------------------------------------------------------------
+    def prune_due(self):
+        return time.monotonic() - self._last_prune >= PRUNE_EVERY
+
     def housekeeping(self, force=False):
         now = time.monotonic()
-        if force or now - self._last_prune >= PRUNE_EVERY:
+        if force or self.prune_due():
             self._last_prune = now
             self.prune_log()
         if self._summary[0] and (force or now - self._last_summary >= SUMMARY_EVERY):

@@ -74,8 +74,12 @@ class Sides:
     def _open_reader(self):
         # autocommit: a batch opens its transactions itself (twophase.BEGIN)
         reader = self._connect(self.config.DSN0, "master", master.SEARCH_PATH)
-        reader.autocommit = True
-        master.prepare_batch_start(reader)
+        try:
+            reader.autocommit = True
+            master.prepare_batch_start(reader)
+        except BaseException:
+            close_quietly(reader)
+            raise
         return reader
 
     def _connect(self, dsn, side, search_path):

@@ -135,6 +135,23 @@ def test_install_twice_changes_nothing_and_keeps_the_log(master):
         (log[-1][0] + 1, "INSERT INTO public.student (id, name) VALUES ('3', 'cy')")]
 
 
+def test_a_daemon_older_than_the_install_is_told_so_at_its_confirm(master):
+    """The confirm without the slave's identity (pyreplica before it was checked) is refused with
+    words that say what to do, also for the least-privileged daemon role, not 'does not exist'."""
+    master.execute("SELECT pyreplica.register_slave('old')")
+    master.execute("CREATE ROLE old_daemon LOGIN IN ROLE pyreplica_daemon")
+    try:
+        conn = psycopg2.connect(master.cluster.dsn(master.name, user="old_daemon"))
+        with pytest.raises(psycopg2.errors.RaiseException) as raised, conn.cursor() as cur:
+            cur.execute("SELECT pyreplica.confirm('old', pg_current_snapshot(), 1, 0)")
+        conn.close()
+    finally:
+        master.execute("DROP ROLE old_daemon")
+    assert "this daemon is older than the master's pyreplica install" in str(raised.value)
+    assert raised.value.diag.message_hint == "Upgrade pyreplica where the daemon runs, then restart it."
+    assert master.scalar("SELECT batch_id FROM pyreplica.replica_slaves WHERE name = 'old'") == 0
+
+
 def test_uninstall_removes_all_it_made_and_nothing_else(bare_master):
     bare_master.execute(GUIDE_TABLES + """
         CREATE SCHEMA "My Schema";

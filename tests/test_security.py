@@ -173,21 +173,28 @@ def test_two_slaves_with_one_name_the_second_is_refused(master, slave, slave2):
         wait_identical(master, slave, ["t"])
 
 
-def test_a_running_daemon_whose_name_was_dropped_and_given_to_another_slave_never_moves_its_record(master, slave):
+@pytest.mark.parametrize("register, refusal", [
+    ("SELECT pyreplica.register_slave('shop', NULL, 'another server', 'another database')",
+     'slave name "shop" belongs to another slave (database another database of server another server), '
+     'not to this one'),
+    ("SELECT pyreplica.register_slave('shop')",     # `pyreplica register`, before a dump
+     'slave name "shop" was registered again (drop-slave, then register) while this daemon ran'),
+])
+def test_a_running_daemon_whose_name_was_dropped_and_given_to_another_slave_never_moves_its_record(
+        master, slave, register, refusal):
     """drop-slave while the daemon still runs, then the name registered for another slave (a clone
-    of a new slave under the old name): the old daemon's next batch must not write its position into
-    the new slave's record, which pruning trusts."""
+    of a new slave under the old name, or `register` before a dump): the old daemon's next batch must
+    not write its position into the new slave's record, which pruning trusts."""
     create_on_both(master, slave, "CREATE TABLE t (id int PRIMARY KEY)", ["t"])
     with Daemon(master, slave, name="shop") as daemon:
         daemon.wait_for_output("Waiting for 'NOTIFY'")
         master.execute("SELECT pyreplica.drop_slave('shop')")
-        master.execute("SELECT pyreplica.register_slave('shop', NULL, 'another server', 'another database')")
+        master.execute(register)
         registered = master.execute("SELECT confirmed::text, batch_id FROM pyreplica.replica_slaves")
         master.execute("INSERT INTO t VALUES (1)")
         wait_until(lambda: daemon.proc.poll() is not None, timeout=30, message="the old daemon to stop")
         assert daemon.proc.returncode == 1
-        assert ('slave name "shop" belongs to another slave (database another database of server another '
-                'server), not to this one' in daemon.output), daemon.output
+        assert refusal in daemon.output, daemon.output
     assert master.execute("SELECT confirmed::text, batch_id FROM pyreplica.replica_slaves") == registered
     assert slave.scalar("SELECT count(*) FROM t") == 0, "the batch is rolled back on the slave too"
     for db in (master, slave):

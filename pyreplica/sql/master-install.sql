@@ -1330,9 +1330,9 @@ COMMENT ON FUNCTION pyreplica.claim_slave(text, text, text) IS 'pyreplica: check
 
 -- Record a slave's new position, only as long as the name still belongs to that slave: a daemon
 -- still running after drop-slave, whose name was then registered for another slave, must not move
--- that one's record (pruning trusts it). The identity is claim_slave's; a record that has none yet
--- (registered, never claimed) takes any.
-DROP FUNCTION IF EXISTS pyreplica.confirm(text, pg_snapshot, bigint, bigint);
+-- that one's record (pruning trusts it). The identity is the one claim_slave recorded; every daemon
+-- and clone claims (or registers with) its identity before it confirms, so a record without one
+-- was registered again behind a running daemon's back.
 CREATE OR REPLACE FUNCTION pyreplica.confirm(slave text, snap pg_snapshot, batch bigint, events bigint,
                                              slave_system_id text, slave_database text)
 RETURNS void
@@ -1347,8 +1347,7 @@ BEGIN
        SET confirmed = snap, batch_id = batch, applied = applied + events,
            confirmed_at = now(), last_contact = now()
      WHERE r.name = slave
-       AND (r.slave_system_id IS NULL
-            OR (r.slave_system_id, r.slave_database) = (confirm.slave_system_id, confirm.slave_database));
+       AND (r.slave_system_id, r.slave_database) = (confirm.slave_system_id, confirm.slave_database);
     IF FOUND THEN
         RETURN;
     END IF;
@@ -1357,6 +1356,11 @@ BEGIN
         RAISE EXCEPTION 'pyreplica: slave "%" is not registered on this master (dropped with drop-slave?)', slave
             USING HINT = 'Register it again with pyreplica clone, or start the daemon with a new slave database.';
     END IF;
+    IF s.slave_system_id IS NULL THEN
+        RAISE EXCEPTION 'pyreplica: slave name "%" was registered again (drop-slave, then register) while this daemon ran: it may belong to another slave now', slave
+            USING HINT = 'Stop this daemon; if the name is this slave''s, start it again (it claims the name), else give this slave a new name and clone it.',
+                  ERRCODE = 'PR002';
+    END IF;
     RAISE EXCEPTION 'pyreplica: slave name "%" belongs to another slave (database % of server %), not to this one (database % of server %)',
                     slave, s.slave_database, s.slave_system_id, confirm.slave_database, confirm.slave_system_id
         USING HINT = 'The name was dropped (drop-slave) and given to another slave while this daemon ran: stop it; this slave needs a new name and a clone.',
@@ -1364,6 +1368,21 @@ BEGIN
 END
 $fn$;
 COMMENT ON FUNCTION pyreplica.confirm(text, pg_snapshot, bigint, bigint, text, text) IS 'pyreplica: record a slave''s new position';
+
+-- The confirm of daemons older than this install (no identity): refused with words that say what
+-- to do, rather than "function does not exist".
+CREATE OR REPLACE FUNCTION pyreplica.confirm(slave text, snap pg_snapshot, batch bigint, events bigint)
+RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    RAISE EXCEPTION 'pyreplica: this daemon is older than the master''s pyreplica install'
+        USING HINT = 'Upgrade pyreplica where the daemon runs, then restart it.';
+END
+$fn$;
+COMMENT ON FUNCTION pyreplica.confirm(text, pg_snapshot, bigint, bigint) IS 'pyreplica: refuses the confirm of daemons older than this install';
 
 -- Bring a slave's record back to the slave's own position when the record got ahead of it (an
 -- operator committed the master's side of an in-doubt batch and rolled back the slave's, or the
@@ -2048,6 +2067,7 @@ BEGIN
         pyreplica.unapplied(pg_snapshot),
         pyreplica.register_slave(text, pg_snapshot, text, text), pyreplica.log_start(),
         pyreplica.claim_slave(text, text, text), pyreplica.confirm(text, pg_snapshot, bigint, bigint, text, text),
+        pyreplica.confirm(text, pg_snapshot, bigint, bigint),
         pyreplica.rewind_slave(text, pg_snapshot, bigint),
         pyreplica.batch_end(pg_snapshot, pg_snapshot, bigint), pyreplica.snapshot_covers(pg_snapshot, pg_snapshot),
         pyreplica.touch(text), pyreplica.prune(), pyreplica.drop_slave(text),
