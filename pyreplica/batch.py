@@ -78,8 +78,8 @@ class Batch:
         return batch
 
     def open_cursor(self, skip_user=None):
-        """DECLARE the batch's event cursor and FETCH its first rows now (what stream_events does
-        first), so that a step read ahead has its first chunk ready when it starts."""
+        """DECLARE the batch's event cursor and FETCH its first rows (stream_events' first round
+        trip; a step read ahead does it early, so that its first chunk is ready when it starts)."""
         with self.reader.cursor() as cur:
             cur.execute(*cursor_statements(self, skip_user)[0])
             self.first_rows = cur.fetchall()
@@ -103,9 +103,9 @@ class Batch:
                                    lambda rows: pipeline([Event(*row) for row in rows]), settings.SKIP_USER)
             with sides.slave.cursor() as cur:
                 skips, held = apply.batch_state(cur, self.slave, twophase.BEGIN["slave"])
-                events = stream_events(self.reader, self, settings.SKIP_USER, settings.BATCH_EVENTS,
-                                       settings.BATCH_BYTES)
-                with ReadAhead(events, lambda: read_all(self)) as chunks, apply.Applier(sides.slave, settings.DEBUG_LEVEL) as applier:
+                events = stream_events(self, settings.SKIP_USER, settings.BATCH_EVENTS, settings.BATCH_BYTES)
+                with (ReadAhead(events, lambda: read_all(self)) as chunks,
+                      apply.Applier(sides.slave, settings.DEBUG_LEVEL) as applier):
                     for chunk in chunks:
                         if stopping():
                             raise Stopping()
@@ -145,23 +145,22 @@ class Batch:
         return self._gids[side]
 
 
-def stream_events(master_conn, batch, skip_user=None, max_events=5000, max_bytes=8 << 20):
+def stream_events(batch, skip_user=None, max_events=5000, max_bytes=8 << 20):
     """Yield (events, last): the batch's events in id order, in lists bounded by count and bytes;
     last is True for a list read after the cursor ran dry (nothing follows it).
 
-    Reads through a cursor on the master, FETCH_ROWS at a time, so memory stays flat however large
-    the batch is. DECLARE and the first FETCH go in one round trip, and a FETCH that returns fewer
-    rows ends it: a small batch costs one round trip. The cursor ends with the transaction.
+    Reads through a cursor on the batch's reader, FETCH_ROWS at a time, so memory stays flat however
+    large the batch is. DECLARE and the first FETCH go in one round trip (Batch.open_cursor, unless
+    the step was read ahead), and a FETCH that returns fewer rows ends it: a small batch costs one
+    round trip. The cursor ends with the transaction.
     The first list is short (FIRST_CHUNK_EVENTS) and each next one twice as long, up to max_events:
     the slave, idle until the first list is planned, starts applying sooner (docs/design.md §10).
     """
-    declare, fetch = cursor_statements(batch, skip_user)
-    with master_conn.cursor() as cur:
-        if batch.first_rows is None:
-            cur.execute(*declare)
-            rows = cur.fetchall()
-        else:       # read ahead (Batch.open_cursor)
-            rows, batch.first_rows = batch.first_rows, None
+    if batch.first_rows is None:        # (else read ahead)
+        batch.open_cursor(skip_user)
+    rows, batch.first_rows = batch.first_rows, None
+    fetch = cursor_statements(batch, skip_user)[1]
+    with batch.reader.cursor() as cur:
         chunk, size, limit = [], 0, min(max_events, FIRST_CHUNK_EVENTS)
         while True:
             for row in rows:
