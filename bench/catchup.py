@@ -14,8 +14,11 @@ Each round then times, on the same data: `pyreplica run` started as a new proces
 slave's marker row is there, and ALTER SUBSCRIPTION ... ENABLE until its marker row is there.
 Both apply in master commit order and commit atomically, so the marker's arrival means everything
 before it has arrived; the slaves are then compared with the master (count + md5 of every row).
-The slave is polled every 20 ms (the resolution of the figures).
+The slave is polled every 20 ms (the resolution of the figures) over one connection opened before the
+clock starts: a new connection per poll would fork a backend 50 times a second, CPU both systems
+then compete for on a small machine.
 """
+import contextlib
 import time
 
 from psycopg2 import sql
@@ -40,8 +43,11 @@ BIG = ("INSERT INTO cu (k, v) SELECT g, 'backlog big transaction row ' || g || '
 POLL = 0.02
 
 
-def has_marker(db):
-    return bool(db.execute("SELECT 1 FROM marker WHERE id = 1"))
+def has_marker(conn):
+    """The marker row is on this slave (conn: autocommit, so every look is a fresh snapshot)."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT 1 FROM marker WHERE id = 1")
+        return cur.fetchone() is not None
 
 
 def measure(master_cluster, slave_cluster, scale, progress=print):
@@ -82,21 +88,24 @@ def measure(master_cluster, slave_cluster, scale, progress=print):
     py_times, native_times = [], []
     for name, py_slave, native_slave, subname in rounds:
         py_slave.checkpoint()
-        daemon_start = time.perf_counter()
-        with start_daemon(master, py_slave, name) as daemon:
-            wait_until(lambda: has_marker(py_slave), scale.timeout, POLL, "pyreplica to catch up")
-            py_times.append(time.perf_counter() - daemon_start)
-            if daemon.proc.poll() is not None:
-                raise RuntimeError(f"the daemon died:\n{daemon.output[-2000:]}")
+        with contextlib.closing(py_slave.connect()) as poll:
+            daemon_start = time.perf_counter()
+            with start_daemon(master, py_slave, name) as daemon:
+                wait_until(lambda: has_marker(poll), scale.timeout, POLL, "pyreplica to catch up")
+                py_times.append(time.perf_counter() - daemon_start)
+                if daemon.proc.poll() is not None:
+                    raise RuntimeError(f"the daemon died:\n{daemon.output[-2000:]}")
         if py_slave.content("cu") != expected or applied(py_slave, name) != events:
             raise RuntimeError(f"pyreplica's slave differs from the master after catch-up: "
                                f"{py_slave.content('cu')} vs {expected}")
 
         native_slave.checkpoint()
-        enable_start = time.perf_counter()
-        native_slave.execute(sql.SQL("ALTER SUBSCRIPTION {} ENABLE").format(sql.Identifier(subname)))
-        wait_until(lambda: has_marker(native_slave), scale.timeout, POLL, "native subscription to catch up")
-        native_times.append(time.perf_counter() - enable_start)
+        with contextlib.closing(native_slave.connect()) as poll:
+            enable_start = time.perf_counter()
+            with poll.cursor() as cur:
+                cur.execute(sql.SQL("ALTER SUBSCRIPTION {} ENABLE").format(sql.Identifier(subname)))
+            wait_until(lambda: has_marker(poll), scale.timeout, POLL, "native subscription to catch up")
+            native_times.append(time.perf_counter() - enable_start)
         native_slave.execute(sql.SQL("ALTER SUBSCRIPTION {} DISABLE").format(sql.Identifier(subname)))
         if native_slave.content("cu") != expected:
             raise RuntimeError(f"native subscriber differs from the master: {native_slave.content('cu')} vs {expected}")
