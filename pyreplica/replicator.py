@@ -130,6 +130,9 @@ class Replicator:
 
     def replicate(self):
         quiet = looking = False
+        # a prune now, when due (at start), rather than after the first batch: no catch-up step is
+        # read ahead while one is due (begin_next_step), so the first step's would be lost
+        self.housekeeping()
         while not self.stop_requested:
             done = self.replay_next_batch(only_events=looking)
             self.outage_over()

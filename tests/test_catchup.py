@@ -447,8 +447,7 @@ def test_a_step_that_fails_after_the_next_was_read_ahead_is_retried_from_where_t
     create_on_both(master, slave, BANK_DDL + "CREATE TABLE marker (id int PRIMARY KEY);", ["accounts", "marker"])
     # three steps, cut by ticks taken here (each part is written in well under the second that keeps
     # the capture from ticking on its own). The second step ends with the marker row, which the
-    # slave already has, so it fails at its very last event, after the third was read ahead (the
-    # first step reads nothing ahead: a prune is due, which runs after it)
+    # slave already has, so it fails at its very last event, after the third was read ahead
     master.execute("SELECT pyreplica.tick('0')")
     first = transfers(master, 1000, writers=1)
     master.execute("SELECT pyreplica.tick('0')")
