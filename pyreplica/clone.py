@@ -19,7 +19,7 @@ import tempfile
 import psycopg2.extensions
 
 from . import apply, log, master
-from .db import ReplicaError, close_quietly, connect, fetch_one, safe_text, split_password
+from .db import ReplicaError, close_quietly, connect, fetch_one, safe_text, split_password, startup_options
 from .filters import Pipeline
 from .sides import SLAVE_IDENTITY
 
@@ -83,15 +83,18 @@ def pg_config_bindir():
 
 def client_dsn(dsn, directory, side):
     """The DSN to give a client program on its command line (seen by every local user in `ps`): without its
-    password, which goes into a passfile (mode 0600, in the clone's private temporary directory)."""
+    password, which goes into a passfile (mode 0600, in the clone's private temporary directory), and
+    with the session settings of pyreplica's own connections (db.startup_options: a slave whose
+    database default is read-only, or a short statement_timeout, is restored all the same)."""
     bare, password = split_password(dsn)
+    options = startup_options(dsn)
     if password is None:
-        return bare
+        return psycopg2.extensions.make_dsn(bare, options=options)
     passfile = os.path.join(directory, f"{side}.pgpass")
     fd = os.open(passfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write("*:*:*:*:" + password.replace("\\", "\\\\").replace(":", "\\:") + "\n")
-    return psycopg2.extensions.make_dsn(bare, passfile=passfile)
+    return psycopg2.extensions.make_dsn(bare, passfile=passfile, options=options)
 
 
 def clone(config, name):

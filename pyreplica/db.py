@@ -101,6 +101,14 @@ def first_line(error):
 # Pinned when a connection is opened (startup options, before psycopg2 chooses how it quotes), so
 # that no database or role default can change how literals are read or text is encoded.
 PINNED_SETTINGS = {"standard_conforming_strings": "on"}
+# A DBA's guards against runaway application sessions, set as a database or role default, would
+# cancel a batch that takes longer, or end the master session left idle in its transaction while the
+# slave applies, at every retry (replication stuck for good), and cut off the listener asleep between
+# NOTIFYs; a slave kept read-only for its applications would refuse every batch. Like pg_dump and
+# autovacuum, pyreplica's sessions run without them (docs/design.md §6). A caller's own settings
+# (a command's lock_timeout) still win, and every bounded wait of pyreplica's sets its own.
+SESSION_DEFAULTS = {"statement_timeout": "0", "lock_timeout": "0", "idle_in_transaction_session_timeout": "0",
+                    "idle_session_timeout": "0", "default_transaction_read_only": "off"}
 
 
 def startup_options(dsn, settings=None):
@@ -108,7 +116,7 @@ def startup_options(dsn, settings=None):
     PGOPTIONS, which libpq ignores once options are given) followed by ours, which win."""
     existing = psycopg2.extensions.parse_dsn(dsn).get("options", os.environ.get("PGOPTIONS", ""))
     ours = " ".join(f"-c {_escape_option(name)}={_escape_option(str(value))}"
-                    for name, value in {**(settings or {}), **PINNED_SETTINGS}.items())
+                    for name, value in {**SESSION_DEFAULTS, **(settings or {}), **PINNED_SETTINGS}.items())
     return f"{existing} {ours}".strip()
 
 

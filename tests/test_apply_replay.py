@@ -3,6 +3,7 @@ failures returned as data and worded once, TRUNCATE of exactly the master's tabl
 settings that no database default can change, and a slave schema a role without CREATE can use."""
 import contextlib
 import decimal
+import time
 
 import psycopg2
 import pytest
@@ -214,6 +215,35 @@ def test_a_latin1_client_encoding_default_on_either_side_replicates(master, slav
         write_awkward_values(master, 10)
         wait_identical(master, slave, ["t"])
         assert "Traceback" not in daemon.output and "error" not in daemon.output.lower(), daemon.output
+
+
+# A replica trigger that makes applying one statement on the slave take half a second.
+SLOW_APPLY = """
+CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN PERFORM pg_sleep(0.5); RETURN NULL; END$$;
+CREATE TRIGGER slow AFTER INSERT OR UPDATE ON t FOR EACH STATEMENT EXECUTE FUNCTION slow();
+ALTER TABLE t ENABLE REPLICA TRIGGER slow;
+"""
+
+
+def test_timeouts_and_read_only_set_as_database_defaults_stop_no_batch(master, slave):
+    # a DBA's guards against runaway application sessions, set on both databases: a batch that takes
+    # longer would be cancelled on the slave, or lose its master session idle in transaction while
+    # the slave applies, at every retry (stuck for good); the sleeping listener would be cut off
+    create_on_both(master, slave, TEXT_DDL, ["t"])
+    slave.execute(SLOW_APPLY)
+    for setting in ("statement_timeout = '200ms'", "lock_timeout = '100ms'",
+                    "idle_in_transaction_session_timeout = '200ms'", "idle_session_timeout = '300ms'"):
+        for db in (master, slave):
+            db.execute(f"ALTER DATABASE {db.name} SET {setting}")
+    # a slave kept read-only for its applications: the replicator still writes it
+    slave.execute(f"ALTER DATABASE {slave.name} SET default_transaction_read_only = on")
+    write_awkward_values(master, 1)
+    with Daemon(master, slave, name="timeouts") as daemon:
+        wait_identical(master, slave, ["t"], timeout=20)
+        time.sleep(1.5)         # asleep, waiting for NOTIFY, longer than idle_session_timeout
+        write_awkward_values(master, 10)
+        wait_identical(master, slave, ["t"], timeout=20)
+        assert "error" not in daemon.output.lower() and "lost" not in daemon.output.lower(), daemon.output
 
 
 def test_connect_keeps_the_users_options_and_adds_settings(slave):

@@ -318,6 +318,23 @@ def test_clone_under_write_load_then_run(master, slave):
     assert rc == 1 and "the slave is not empty" in err, err
 
 
+def test_clone_into_a_slave_kept_read_only_with_short_timeouts(master, slave):
+    # the defaults a DBA gives a slave its applications only read (ALTER DATABASE ... SET): the
+    # clone's restore and the daemon's batches still write it
+    master.execute(LOAD_DDL)
+    assert master.scalar("SELECT py_log_create_tg('load')").startswith("created trigger")
+    master.execute("INSERT INTO load SELECT g, 0, 'row ' || g FROM generate_series(1, 1000) g")
+    for setting in ("statement_timeout = '300ms'", "idle_in_transaction_session_timeout = '300ms'",
+                    "default_transaction_read_only = on"):     # (last: then this session cannot write either)
+        slave.execute(f"ALTER DATABASE {slave.name} SET {setting}")
+    rc, out, err = run_cli("clone", master.dsn, slave.dsn, "--name", "ro", timeout=120)
+    assert rc == 0, err
+    master.execute("UPDATE load SET payload = 'changed' WHERE id <= 10")
+    with Daemon(master, slave, name="ro") as daemon:
+        wait_identical(master, slave, ["load"], timeout=60)
+        assert "error" not in daemon.output.lower(), daemon.output
+
+
 def test_million_row_transaction_streams_with_flat_memory(master, slave):
     create_on_both(master, slave, "CREATE TABLE big (id int PRIMARY KEY, v text)", ["big"])
     with Daemon(master, slave, name="big") as daemon:
