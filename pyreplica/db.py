@@ -99,8 +99,9 @@ def first_line(error):
 
 
 # Pinned when a connection is opened (startup options, before psycopg2 chooses how it quotes), so
-# that no database or role default can change how literals are read or text is encoded.
-PINNED_SETTINGS = {"standard_conforming_strings": "on"}
+# that no database or role default can change how literals are read (array_nulls = off reads a NULL
+# array element as the string 'NULL'), how names are quoted, or how text is encoded.
+PINNED_SETTINGS = {"standard_conforming_strings": "on", "array_nulls": "on", "quote_all_identifiers": "off"}
 # A DBA's guards against runaway application sessions, set as a database or role default, would
 # cancel a batch that takes longer, or end the master session left idle in its transaction while the
 # slave applies, at every retry (replication stuck for good), and cut off the listener asleep between

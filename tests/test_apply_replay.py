@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from pyreplica import apply
 from pyreplica.batch import Event
 from pyreplica.db import connect
-from replication import Daemon, create_on_both, wait_identical
+from replication import Daemon, conf_daemon, create_on_both, wait_identical, wait_until
 
 pytestmark = pytest.mark.usefixtures("group_small_chunks")
 
@@ -215,6 +215,34 @@ def test_a_latin1_client_encoding_default_on_either_side_replicates(master, slav
         write_awkward_values(master, 10)
         wait_identical(master, slave, ["t"])
         assert "Traceback" not in daemon.output and "error" not in daemon.output.lower(), daemon.output
+
+
+def test_null_array_elements_stay_null_on_a_slave_with_array_nulls_off(master, slave):
+    # array_nulls = off reads an unquoted NULL in an array literal as the string 'NULL'
+    create_on_both(master, slave, "CREATE TABLE t (id int PRIMARY KEY, tags text[], ns int[])", ["t"])
+    slave.execute(f"ALTER DATABASE {slave.name} SET array_nulls = off")
+    master.execute("INSERT INTO t VALUES (1, ARRAY[NULL, 'NULL', 'x'], ARRAY[1, NULL]), (2, '{}', NULL)")
+    with Daemon(master, slave, name="arraynulls") as daemon:
+        wait_until(lambda: slave.scalar("SELECT count(*) FROM t") == 2, timeout=20, message="rows on the slave")
+        master.execute("UPDATE t SET tags = ARRAY['NULL', NULL] WHERE id = 2")
+        wait_identical(master, slave, ["t"], timeout=20)
+        assert slave.scalar("SELECT tags[1] IS NULL AND tags[2] = 'NULL' AND ns[2] IS NULL FROM t WHERE id = 1")
+        assert "error" not in daemon.output.lower(), daemon.output
+
+
+def test_quote_all_identifiers_on_the_master_changes_no_table_name_in_the_log(master, slave, tmp_path):
+    # an application session that quotes every identifier it prints: the log must still name its
+    # tables as the daemon's TABLES patterns and the slave's table states do
+    create_on_both(master, slave, "CREATE TABLE t (id int PRIMARY KEY, v text); CREATE TABLE u (id int PRIMARY KEY)",
+                   ["t", "u"])
+    master.execute(f"ALTER DATABASE {master.name} SET quote_all_identifiers = on")
+    master.execute("INSERT INTO t VALUES (1, 'a'); INSERT INTO u VALUES (1)")
+    master.execute("UPDATE t SET v = 'b'; DELETE FROM u; TRUNCATE u")
+    assert master.scalar("SELECT array_agg(DISTINCT relname ORDER BY relname) FROM pyreplica.replica_log") == \
+        ["public.t", "public.u"]
+    with conf_daemon(master, slave, tmp_path, TABLES="public.t") as daemon:
+        wait_identical(master, slave, ["t"], timeout=20)
+        assert daemon.stop() == 0
 
 
 # A replica trigger that makes applying one statement on the slave take half a second.

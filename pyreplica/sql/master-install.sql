@@ -251,6 +251,9 @@ CREATE OR REPLACE FUNCTION pyreplica.py_log_capture_sql(rel regclass, op "char")
 RETURNS text
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
+-- the writer's session may quote every name it prints: the log's relname must be the one the
+-- daemon's TABLES patterns and the slave's table states name (called once per backend and table)
+SET quote_all_identifiers = off
 AS $fn$
 DECLARE
     target    text := format('%I.%I', (SELECT nspname FROM pg_namespace n JOIN pg_class c ON c.relnamespace = n.oid WHERE c.oid = rel),
