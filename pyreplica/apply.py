@@ -143,6 +143,8 @@ UPDATE pyreplica.skip_requests SET skipped_at = now(), batch_id = %s
 
 VERBS = {"I": "INSERT", "U": "UPDATE", "D": "DELETE", "T": "TRUNCATE"}
 # A DETAIL that quotes a whole row (CHECK, NOT NULL, partition routing): shown from DEBUG_LEVEL 2 only.
+# Known by its SQLSTATE, whatever the slave's lc_messages; by its English words for any other.
+ROW_DETAIL_CODES = {"23502", "23514"}   # not_null_violation, check_violation
 ROW_DETAIL = re.compile(r"failing row contains", re.I)
 
 
@@ -735,7 +737,7 @@ def _apply_error(slave_cur, statement, events, code, message, detail, hint, debu
         slave_cur.execute(PRIMARY_KEY, (statement.relname,))
         key = slave_cur.fetchone()[0]
         text += f" (primary key: {key})" if key else " (the slave's table has no primary key)"
-    if detail and (debug_level >= 2 or not ROW_DETAIL.search(detail)):
+    if detail and (debug_level >= 2 or not (code in ROW_DETAIL_CODES or ROW_DETAIL.search(detail))):
         text += f"\n  DETAIL: {detail}"
     if hint:
         text += f"\n  HINT: {hint}"

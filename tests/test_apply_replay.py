@@ -113,6 +113,12 @@ def test_failure_is_data_with_detail_and_hint_and_names_the_key_not_the_row(slav
                 '"t_card_check" (primary key: id)')
             assert ("4111111111111111" in str(failure.value)) is shown, str(failure.value)
             assert "Failing row contains (3, 4111111111111111)." == failure.value.detail
+        # a slave whose lc_messages is not English: the row is known by the SQLSTATE
+        statement = apply.Statement(12, "I", "public.t", card.sql, 1)
+        german = apply._apply_error(cur, statement, [card], "23514", "neue Zeile für Relation »t« verletzt "
+                                    "Check-Constraint »t_card_check«", "Fehlgeschlagene Zeile enthält "
+                                    "(3, 4111111111111111).", None, 1)
+        assert "4111111111111111" not in str(german) and german.detail.endswith("(3, 4111111111111111).")
         # the first chunk stays applied, the failed ones are gone, the transaction goes on
         cur.execute("SELECT id FROM t ORDER BY id")
         assert cur.fetchall() == [(1,), (5,)]
