@@ -87,14 +87,13 @@ def client_dsn(dsn, directory, side):
     with the session settings of pyreplica's own connections (db.startup_options: a slave whose
     database default is read-only, or a short statement_timeout, is restored all the same)."""
     bare, password = split_password(dsn)
-    options = startup_options(dsn)
-    if password is None:
-        return psycopg2.extensions.make_dsn(bare, options=options)
-    passfile = os.path.join(directory, f"{side}.pgpass")
-    fd = os.open(passfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write("*:*:*:*:" + password.replace("\\", "\\\\").replace(":", "\\:") + "\n")
-    return psycopg2.extensions.make_dsn(bare, passfile=passfile, options=options)
+    extra = {"options": startup_options(dsn)}
+    if password is not None:
+        extra["passfile"] = os.path.join(directory, f"{side}.pgpass")
+        fd = os.open(extra["passfile"], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("*:*:*:*:" + password.replace("\\", "\\\\").replace(":", "\\:") + "\n")
+    return psycopg2.extensions.make_dsn(bare, **extra)
 
 
 def clone(config, name):

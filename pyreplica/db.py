@@ -105,8 +105,8 @@ PINNED_SETTINGS = {"standard_conforming_strings": "on", "array_nulls": "on", "qu
 # A DBA's guards against runaway application sessions, set as a database or role default, would
 # cancel a batch that takes longer, or end the master session left idle in its transaction while the
 # slave applies, at every retry (replication stuck for good), and cut off the listener asleep between
-# NOTIFYs; a slave kept read-only for its applications would refuse every batch. Like pg_dump and
-# autovacuum, pyreplica's sessions run without them (docs/design.md §6). A caller's own settings
+# NOTIFYs; a slave kept read-only for its applications would refuse every batch. Like autovacuum
+# (for the timeouts), pyreplica's sessions run without them (docs/design.md §6). A caller's own settings
 # (a command's lock_timeout) still win, and every bounded wait of pyreplica's sets its own.
 SESSION_DEFAULTS = {"statement_timeout": "0", "lock_timeout": "0", "idle_in_transaction_session_timeout": "0",
                     "idle_session_timeout": "0", "default_transaction_read_only": "off"}
