@@ -77,11 +77,17 @@ def skip_event(config, name, event_id):
                 txid, described = cur.fetchone()
         except psycopg2.Error as e:
             raise refusal(e, "master") from e
-    with contextlib.closing(connect(config.DSN1, "slave")) as conn:
+    with contextlib.closing(connect(config.DSN1, "slave", settings={"lock_timeout": LOCK_TIMEOUT})) as conn:
         conn.autocommit = True
         apply.install(conn)
-        with conn.cursor() as cur:
-            cur.execute(SKIP_ON_SLAVE, (name, event_id, txid, described))
+        try:
+            with conn.cursor() as cur:
+                cur.execute(SKIP_ON_SLAVE, (name, event_id, txid, described))
+        except psycopg2.errors.LockNotAvailable:
+            # the request's row is updated by the batch that skips the event: that batch is in doubt
+            raise ReplicaError(f"slave {name}'s request to skip event {event_id} is locked by one of its batches "
+                               f"prepared (in doubt) on the slave: settle it first (pyreplica recover MASTER "
+                               f"SLAVE, or start its daemon)", "slave") from None
     print(f"event {event_id} ({described}) will be skipped by slave {name}: recorded on the master and on the "
           f"slave; its daemon leaves it out of its next batch (and logs and mails it)")
     return 0

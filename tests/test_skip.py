@@ -115,3 +115,33 @@ def test_skip_of_a_pending_event_by_the_daemon_role(master, slave):
     # twice is harmless
     assert run_cli("skip-event", str(event), dsn, slave.dsn, "--name", "s1")[0] == 0
     assert master.scalar("SELECT count(*) FROM pyreplica.skipped_events") == 1
+
+
+def test_skip_event_again_while_the_batch_skipping_it_is_in_doubt_fails_clearly(master, slave):
+    """Running skip-event again is harmless, also while the batch that skips the event is prepared on the
+    slave and its daemon is gone: the slave's request row is locked by that batch, and the command says
+    so within its lock timeout instead of waiting for an operator who is waiting for it."""
+    create_on_both(master, slave, TABLE, ["t"])
+    master.execute("INSERT INTO t VALUES (1, 'a'), (2, 'b')")
+    with Daemon(master, slave, name="s1") as daemon:
+        wait_identical(master, slave, ["t"])
+        event = stuck_at_conflict(master, slave, daemon)
+    master.execute("INSERT INTO t VALUES (3, 'c')")
+    assert run_cli("skip-event", str(event), master.dsn, slave.dsn, "--name", "s1")[0] == 0
+    with Daemon(master, slave, name="s1", fault="after_slave_prepare") as daemon:
+        wait_until(lambda: daemon.proc.poll() is not None, message="the daemon killed after the slave's PREPARE")
+    assert slave.scalar("SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()") == 1
+
+    code, out, err = run_cli("skip-event", str(event), master.dsn, slave.dsn, "--name", "s1", timeout=60)
+    assert (code, out) == (1, ""), err
+    assert err.splitlines()[0] == (
+        "pyreplica: slave s1's request to skip event %d is locked by one of its batches prepared (in doubt) on the slave: "
+        "settle it first (pyreplica recover MASTER SLAVE, or start its daemon)" % event)
+
+    assert run_cli("recover", master.dsn, slave.dsn, "--name", "s1")[0] == 0
+    assert run_cli("skip-event", str(event), master.dsn, slave.dsn, "--name", "s1")[0] == 0
+    with Daemon(master, slave, name="s1") as daemon:
+        daemon.wait_for_output(f"Skipping event {event} (UPDATE on public.t) as told by skip-event")
+        wait_until(lambda: slave.execute("SELECT id, v FROM t ORDER BY id") == [(1, "a"), (3, "c")],
+                   message="replay past the skipped event")
+    assert slave.execute("SELECT event_id, skipped_at IS NOT NULL FROM pyreplica.skip_requests") == [(event, True)]
