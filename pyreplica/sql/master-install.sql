@@ -464,10 +464,13 @@ COMMENT ON FUNCTION pyreplica.py_log_capture_fn(regclass) IS 'pyreplica: which c
 -- The signature of what a table's capture query is made of: it changes when the table is renamed
 -- or moved to another schema, a column is added, dropped, renamed or retyped, becomes generated or
 -- an identity, or the primary key changes (columns or deferrability).
+-- rel::text must read the same in every session: a session with quote_all_identifiers on (its DDL
+-- fires the event trigger that compares signatures) would see each table it touches as changed.
 CREATE OR REPLACE FUNCTION pyreplica.py_log_signature(rel regclass)
 RETURNS text
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
+SET quote_all_identifiers = off
 AS $fn$
     SELECT md5(rel::text || ':'
                || coalesce(string_agg(format('%s:%s:%s:%s:%s:%s', attnum, attname, atttypid, atttypmod, attgenerated, attidentity), ',' ORDER BY attnum), '')
