@@ -110,6 +110,11 @@ PINNED_SETTINGS = {"standard_conforming_strings": "on", "array_nulls": "on", "qu
 # (a command's lock_timeout) still win, and every bounded wait of pyreplica's sets its own.
 SESSION_DEFAULTS = {"statement_timeout": "0", "lock_timeout": "0", "idle_in_transaction_session_timeout": "0",
                     "idle_session_timeout": "0", "default_transaction_read_only": "off"}
+# The same guards that only newer servers know ({name: (server_version_num from which, value)}): a
+# startup option naming a parameter fails the connection on a server that does not know it, so these
+# are set once connected.
+NEWER_SESSION_DEFAULTS = {"transaction_timeout": (170000, "0")}
+SET_FOR_SESSION = "SELECT pg_catalog.set_config(%s, %s, false)"
 
 
 def startup_options(dsn, settings=None):
@@ -142,7 +147,23 @@ def connect(dsn, side, application_name="pyreplica", settings=None, **params):
     except psycopg2.ProgrammingError as e:  # malformed DSN
         raise ReplicaError(f"bad {side} connection string {safe_dsn(dsn)!r}: "
                            f"{safe_text(first_line(e), dsn)}", side) from None
+    try:
+        _set_newer_session_defaults(conn, settings or {})
+    except psycopg2.Error as e:
+        close_quietly(conn)
+        raise ConnectionLost(f"lost the {side} ({safe_dsn(dsn)}) while setting up the session: "
+                             f"{safe_text(first_line(e), dsn)}", side) from None
     return conn
+
+
+def _set_newer_session_defaults(conn, settings):
+    due = [(name, value) for name, (version, value) in NEWER_SESSION_DEFAULTS.items()
+           if conn.server_version >= version and name not in settings]
+    if due:
+        with conn.cursor() as cur:
+            for name, value in due:
+                cur.execute(SET_FOR_SESSION, (name, value))
+        conn.commit()
 
 
 def is_connection_error(error):

@@ -9,7 +9,7 @@ import psycopg2
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from pyreplica import apply
+from pyreplica import apply, db
 from pyreplica.batch import Event
 from pyreplica.db import connect
 from replication import Daemon, conf_daemon, create_on_both, wait_identical, wait_until
@@ -255,6 +255,28 @@ def test_quote_all_identifiers_on_the_master_changes_no_table_name_in_the_log(ma
     with conf_daemon(master, slave, tmp_path, TABLES="public.t") as daemon:
         wait_identical(master, slave, ["t"], timeout=20)
         assert daemon.stop() == 0
+
+
+def test_guards_newer_servers_know_are_set_once_connected_and_only_there(master, monkeypatch):
+    # transaction_timeout (PostgreSQL 17) cannot be a startup option: PostgreSQL 14-16 would refuse
+    # the connection. The same mechanism, shown with parameters this server has, set from a version on:
+    monkeypatch.setattr(db, "NEWER_SESSION_DEFAULTS", {"work_mem": (master_version(master), "4242kB"),
+                                                       "maintenance_work_mem": (990000, "7777kB")})
+    master.execute(f"ALTER DATABASE {master.name} SET work_mem = '1MB'")
+    with contextlib.closing(connect(master.dsn, "master")) as conn:
+        assert conn.get_transaction_status() == psycopg2.extensions.TRANSACTION_STATUS_IDLE
+        with conn.cursor() as cur:
+            cur.execute("SELECT current_setting('work_mem'), current_setting('maintenance_work_mem') <> '7777kB'")
+            assert cur.fetchone() == ("4242kB", True)
+    # a command's own setting still wins
+    with contextlib.closing(connect(master.dsn, "master", settings={"work_mem": "2MB"})) as conn:
+        with conn.cursor() as cur:
+            cur.execute("SHOW work_mem")
+            assert cur.fetchone() == ("2MB",)
+
+
+def master_version(master):
+    return int(master.scalar("SHOW server_version_num"))
 
 
 # A replica trigger that makes applying one statement on the slave take half a second.
