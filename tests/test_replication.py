@@ -318,18 +318,20 @@ def test_clone_under_write_load_then_run(master, slave):
     assert rc == 1 and "the slave is not empty" in err, err
 
 
-def test_clone_into_a_slave_kept_read_only_with_short_timeouts(master, slave):
-    # the defaults a DBA gives a slave its applications only read (ALTER DATABASE ... SET): the
-    # clone's restore and the daemon's batches still write it
+def test_clone_with_short_timeouts_on_the_master_into_a_slave_kept_read_only(master, slave):
+    # the guards a DBA gives application sessions (ALTER DATABASE ... SET): on the master, the clone's
+    # session that exports the snapshot waits idle in its transaction until pg_dump has imported it
+    # (killed at 10 ms, pg_dump would find no snapshot) and its statements must not be cancelled; a
+    # slave its applications only read still takes the restore and the daemon's batches
     master.execute(LOAD_DDL)
     assert master.scalar("SELECT py_log_create_tg('load')").startswith("created trigger")
     master.execute("INSERT INTO load SELECT g, 0, 'row ' || g FROM generate_series(1, 1000) g")
-    for setting in ("statement_timeout = '300ms'", "idle_in_transaction_session_timeout = '300ms'",
-                    "default_transaction_read_only = on"):     # (last: then this session cannot write either)
-        slave.execute(f"ALTER DATABASE {slave.name} SET {setting}")
+    for setting in ("statement_timeout = '5ms'", "idle_in_transaction_session_timeout = '10ms'"):
+        master.execute(f"ALTER DATABASE {master.name} SET {setting}")
+    slave.execute(f"ALTER DATABASE {slave.name} SET default_transaction_read_only = on")
     rc, out, err = run_cli("clone", master.dsn, slave.dsn, "--name", "ro", timeout=120)
     assert rc == 0, err
-    master.execute("UPDATE load SET payload = 'changed' WHERE id <= 10")
+    master.execute("SET statement_timeout = 0; UPDATE load SET payload = 'changed' WHERE id <= 10")
     with Daemon(master, slave, name="ro") as daemon:
         wait_identical(master, slave, ["load"], timeout=60)
         assert "error" not in daemon.output.lower(), daemon.output
