@@ -3,9 +3,11 @@ import argparse
 import os
 import sys
 
+import psycopg2
+
 from . import config as configuration, log
 from .config import EXIT_CONFIG, EXIT_FAIL, ConfigError
-from .db import ReplicaError
+from .db import ReplicaError, first_line
 
 
 def add_server_args(parser):
@@ -234,6 +236,11 @@ COMMANDS = {"run": cmd_run, "clone": cmd_clone, "drop-slave": cmd_drop_slave, "r
             "service": cmd_service}
 
 
+def database_error(error):
+    message = first_line(error).removeprefix("ERROR:").strip()
+    return f"{message} (SQLSTATE {error.pgcode})" if error.pgcode else message
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
@@ -243,6 +250,11 @@ def main(argv=None):
         return EXIT_CONFIG
     except ReplicaError as e:
         print(f"pyreplica: {e}", file=sys.stderr)
+        return EXIT_FAIL
+    except psycopg2.Error as e:
+        # one the command did not foresee (a damaged install, a server going away mid-command): the
+        # server's own words, without a traceback that buries them
+        print(f"pyreplica: {args.command} stopped by a database error: {database_error(e)}", file=sys.stderr)
         return EXIT_FAIL
     except KeyboardInterrupt:
         return EXIT_FAIL

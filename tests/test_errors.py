@@ -63,6 +63,17 @@ def test_master_without_master_install(bare_master, slave):
                                 f"`psql {bare_master.name} -f master-install.sql` on it as a superuser")
 
 
+def test_a_database_error_nothing_foresaw_is_one_line_and_exit_1(master, slave):
+    # a damaged install (a function dropped by hand): no traceback, the server's message and SQLSTATE
+    create_on_both(master, slave, "CREATE TABLE t (id int PRIMARY KEY)", ["t"])
+    master.execute("DROP FUNCTION pyreplica.captured_tables()")
+    rc, out, err = run_cli("clone", master.dsn, slave.dsn, "--name", "damaged")
+    assert "Traceback" not in out + err, err
+    assert (rc, err.splitlines()) == (1, [
+        "pyreplica: clone stopped by a database error: function pyreplica.captured_tables() does not exist "
+        "(SQLSTATE 42883)"])
+
+
 def test_slave_missing_a_table(master, slave):
     master.execute("CREATE TABLE t (id int PRIMARY KEY); SELECT py_log_create_tg('t')")
     rc, lines = run_once(master.dsn, slave.dsn)
