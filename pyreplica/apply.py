@@ -1,6 +1,7 @@
 """Applying events on the slave: its schema `pyreplica`, its position, and the checked replay."""
 import collections
 import concurrent.futures
+import functools
 import operator
 import os
 import re
@@ -337,7 +338,7 @@ def merge_truncates(events):
         else:
             close()
             planned.append(one_statement(event) if event.op == "S" else
-                           Statement(event.id, event.op, event.relname, event.sql, 1))
+                           new_statement((event.id, event.op, event.relname, event.sql, 1)))
     close()
     return planned
 
@@ -350,6 +351,11 @@ class Row(NamedTuple):
     key: tuple
     part: object
     reorder: bool       # may move past events of other groups (docs/design.md §6)
+
+
+# Built once per event while planning: without the NamedTuples' generated __new__ (as batch.event_from_row)
+new_row = functools.partial(tuple.__new__, Row)
+new_statement = functools.partial(tuple.__new__, Statement)
 
 
 class Table(NamedTuple):
@@ -404,7 +410,7 @@ class Shape(NamedTuple):
             part = literals[self.set_count:] + literals[:self.set_count]
         else:
             part = literals
-        return Row(group, None if self.key is None else self.key(literals), part, self.reorder)
+        return new_row((group, None if self.key is None else self.key(literals), part, self.reorder))
 
 
 def _picker(indexes):
