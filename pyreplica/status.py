@@ -3,7 +3,8 @@
 Everything is read from the master's registry (pyreplica.replica_slaves) and log: a slave is behind
 by the events pyreplica.unapplied() finds for the snapshot it confirmed (docs/design.md §4).
 In-doubt prepared transactions are pyreplica's own (twophase's gids), looked for on the master and,
-when its DSN is given, on the slave; one older than a minute is an alert (exit code 3).
+when its DSN is given, on the slave; one older than a minute is an alert (exit code 3). So is a
+capture trigger disabled on the master (its table's writes reach no slave).
 """
 import contextlib
 import json
@@ -24,6 +25,17 @@ SELECT gid, prepared, extract(epoch FROM now() - prepared)::float8
  WHERE database = pg_catalog.current_database() AND gid LIKE 'pyreplica:%'
  ORDER BY prepared
 """
+
+# Capture triggers that do not fire for ordinary writes ('D' disabled, 'R' replica sessions only):
+# the table's writes are not logged, so every slave silently misses them.
+CAPTURE_OFF = """
+SELECT t.tgrelid::pg_catalog.regclass::text, t.tgenabled::text, pg_catalog.array_agg(t.tgname::text ORDER BY t.tgname)
+  FROM pg_catalog.pg_trigger t
+ WHERE pyreplica.py_log_is_capture_fn(t.tgfoid) AND t.tgenabled IN ('D', 'R')
+ GROUP BY 1, 2
+ ORDER BY 1, 2
+"""
+TRIGGER_STATES = {"D": "disabled", "R": "enabled for replica sessions only"}
 
 
 def slaves(master_conn):
@@ -52,13 +64,22 @@ def in_doubt(conn, side):
         return found
 
 
+def capture_off(master_conn):
+    """Captured tables whose capture triggers do not fire for the master's writes."""
+    with master_conn.cursor() as cur:
+        cur.execute(CAPTURE_OFF)
+        return [{"table": table, "triggers": triggers, "state": TRIGGER_STATES[state]}
+                for table, state, triggers in cur.fetchall()]
+
+
 def collect(config, only=None):
     """The status report as a dict (what --json prints); `only` narrows it to one slave."""
     with contextlib.closing(connect(config.DSN0, "master", "pyreplica status",
                                     settings={"search_path": master.SEARCH_PATH})) as conn:
         conn.autocommit = True
         master.require_installed(conn)
-        report = {"master": conn.info.dbname, "slaves": slaves(conn), "in_doubt": in_doubt(conn, "master")}
+        report = {"master": conn.info.dbname, "slaves": slaves(conn), "in_doubt": in_doubt(conn, "master"),
+                  "capture_off": capture_off(conn)}
     if only:
         report["slaves"] = [s for s in report["slaves"] if s["name"] == only]
         report["in_doubt"] = [x for x in report["in_doubt"] if x["slave"] == only]
@@ -106,13 +127,20 @@ def format_table(report):
 
 
 def alerts(report):
-    """What a monitoring check must hear about: a prepared transaction older than IN_DOUBT_ALERT.
-    It holds back VACUUM of the whole cluster, keeps its locks (a re-install, drop-slave, DDL
-    would wait) and the batch it belongs to is not committed."""
-    return [f"{x['side']}: {x['gid']} has been prepared for {_duration(x['age_seconds'])}: it holds back "
-            f"VACUUM of the whole {x['side']} cluster and keeps its locks; start the daemon for slave "
-            f"{x['slave']} or run `pyreplica recover MASTER SLAVE`"
-            for x in report["in_doubt"] if x["age_seconds"] > IN_DOUBT_ALERT]
+    """What a monitoring check must hear about.
+
+    A prepared transaction older than IN_DOUBT_ALERT: it holds back VACUUM of the whole cluster,
+    keeps its locks (a re-install, drop-slave, DDL would wait) and its batch is not committed.
+    A capture trigger that does not fire: the slaves silently miss that table's writes."""
+    in_doubt = [f"{x['side']}: {x['gid']} has been prepared for {_duration(x['age_seconds'])}: it holds back "
+                f"VACUUM of the whole {x['side']} cluster and keeps its locks; start the daemon for slave "
+                f"{x['slave']} or run `pyreplica recover MASTER SLAVE`"
+                for x in report["in_doubt"] if x["age_seconds"] > IN_DOUBT_ALERT]
+    capture = [f"the capture of {x['table']} is off (trigger(s) {', '.join(x['triggers'])} {x['state']}): its "
+               f"writes on the master reach no slave. Enable them (ALTER TABLE {x['table']} ENABLE TRIGGER ...), "
+               f"then `pyreplica compare` each slave and `pyreplica repair` what differs"
+               for x in report["capture_off"]]
+    return in_doubt + capture
 
 
 def status(config, as_json=False, only=None):

@@ -81,6 +81,30 @@ def test_status_lists_in_doubt_prepared_transactions_on_both_sides(master, slave
     assert code == 0 and "slave: pyreplica:s1:99:slave:" in out and "master: pyreplica:s1:99:master:" in out
 
 
+def test_status_alerts_on_a_capture_trigger_disabled_on_the_master(master, slave):
+    # a DBA disables the triggers for a bulk load and forgets them: every slave silently misses
+    # those writes, and the only place that can tell is the master's catalog
+    replicated(master, slave)
+    master.execute("ALTER TABLE pair DISABLE TRIGGER ALL")
+    master.execute("ALTER TABLE t ENABLE REPLICA TRIGGER t_replica_tg_u")
+    code, out, err = run_cli("status", master.dsn)
+    assert code == 3, err
+    alerts = [line for line in out.splitlines() if line.startswith("ALERT: ")]
+    assert alerts == [
+        "ALERT: the capture of public.pair is off (trigger(s) pair_replica_tg, pair_replica_tg_d, pair_replica_tg_t, "
+        "pair_replica_tg_u disabled): its writes on the master reach no slave. Enable them (ALTER TABLE public.pair "
+        "ENABLE TRIGGER ...), then `pyreplica compare` each slave and `pyreplica repair` what differs",
+        "ALERT: the capture of public.t is off (trigger(s) t_replica_tg_u enabled for replica sessions only): its "
+        "writes on the master reach no slave. Enable them (ALTER TABLE public.t ENABLE TRIGGER ...), then "
+        "`pyreplica compare` each slave and `pyreplica repair` what differs"]
+    assert json.loads(run_cli("status", master.dsn, "--json")[1])["capture_off"] == [
+        {"table": "public.pair", "triggers": ["pair_replica_tg", "pair_replica_tg_d", "pair_replica_tg_t",
+                                              "pair_replica_tg_u"], "state": "disabled"},
+        {"table": "public.t", "triggers": ["t_replica_tg_u"], "state": "enabled for replica sessions only"}]
+    master.execute("ALTER TABLE pair ENABLE TRIGGER ALL; ALTER TABLE t ENABLE TRIGGER t_replica_tg_u")
+    assert status_json(master.dsn)["capture_off"] == []
+
+
 def test_status_cannot_connect_is_one_line_exit_1():
     code, out, err = run_cli("status", f"host=127.0.0.1 port={free_port()} dbname=nowhere connect_timeout=3")
     assert code == 1
