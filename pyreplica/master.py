@@ -52,6 +52,16 @@ TOUCH = "SELECT pyreplica.touch(%s::text)"
 PRUNE = "SELECT pyreplica.prune()"
 DROP_SLAVE = "SELECT pyreplica.drop_slave(%s::text)"
 SEQUENCE_VALUES = "SELECT name, last_value FROM pyreplica.sequence_values()"   # (compare)
+# Capture triggers that do not fire for ordinary writes ('D' disabled, 'R' replica sessions only):
+# the table's writes are not logged, so every slave silently misses them (status, the daemon).
+CAPTURE_OFF = """
+SELECT t.tgrelid::pg_catalog.regclass::text, t.tgenabled::text, pg_catalog.array_agg(t.tgname::text ORDER BY t.tgname)
+  FROM pg_catalog.pg_trigger t
+ WHERE pyreplica.py_log_is_capture_fn(t.tgfoid) AND t.tgenabled IN ('D', 'R')
+ GROUP BY 1, 2
+ ORDER BY 1, 2
+"""
+TRIGGER_STATES = {"D": "disabled", "R": "enabled for replica sessions only"}
 
 # The events a batch replays (docs/design.md §4): not applied at the start snapshot, visible at the end.
 # The txid bound lets the log's txid index do the work.
@@ -189,3 +199,17 @@ def sequence_values(cur):
     """{"schema"."sequence": last value} of every followed sequence that has handed out a value."""
     cur.execute(SEQUENCE_VALUES)
     return dict(cur.fetchall())
+
+
+def capture_off(conn):
+    """Captured tables whose capture triggers do not fire for the master's writes."""
+    with conn.cursor() as cur:
+        cur.execute(CAPTURE_OFF)
+        return [{"table": table, "triggers": triggers, "state": TRIGGER_STATES[state]}
+                for table, state, triggers in cur.fetchall()]
+
+
+def capture_off_message(off):
+    return (f"The capture of {off['table']} is off (trigger(s) {', '.join(off['triggers'])} {off['state']}): its "
+            f"writes on the master reach no slave. Enable them (ALTER TABLE {off['table']} ENABLE TRIGGER ...), "
+            f"then `pyreplica compare` each slave and `pyreplica repair` what differs")

@@ -57,6 +57,7 @@ class Replicator:
         self.wakeup = None
         self._last_prune, self._last_summary = 0.0, time.monotonic()
         self._summary = [0, 0]      # events, batches since the last summary line
+        self._capture_off = []      # the master's tables whose capture is off, as last warned of
         self.backoff, self.outage = 1.0, None
 
     # -- signals --------------------------------------------------------------------------------
@@ -239,6 +240,7 @@ class Replicator:
         if force or self.prune_due():
             self._last_prune = now
             self.prune_log()
+            self.watch_capture()
         if self._summary[0] and (force or now - self._last_summary >= SUMMARY_EVERY):
             self._last_summary = now
             self.log.info("Applied %s events in %s batches", *self._summary)
@@ -256,6 +258,23 @@ class Replicator:
                 raise
             self.log.warning("Pruning the master's log failed (tried again in %.0f s): %s", PRUNE_EVERY,
                              first_line(e))
+
+    def watch_capture(self):
+        """Warn once of each captured table whose capture triggers stopped firing on the master (a
+        DISABLE TRIGGER for a bulk load, forgotten): its writes reach no slave, and nothing else tells."""
+        try:
+            off = master.capture_off(self.sides.listener)
+        except psycopg2.Error as e:
+            if is_connection_error(e):
+                raise
+            self.log.warning("Checking the master's capture triggers failed: %s", first_line(e))
+            return
+        for table in off:
+            if table not in self._capture_off:
+                message = master.capture_off_message(table)
+                self.log.warning("%s", message)
+                self.mail("warning", message)
+        self._capture_off = off
 
     # -- waiting --------------------------------------------------------------------------------
     def wait_for_notify(self, quiet):

@@ -26,18 +26,6 @@ SELECT gid, prepared, extract(epoch FROM now() - prepared)::float8
  ORDER BY prepared
 """
 
-# Capture triggers that do not fire for ordinary writes ('D' disabled, 'R' replica sessions only):
-# the table's writes are not logged, so every slave silently misses them.
-CAPTURE_OFF = """
-SELECT t.tgrelid::pg_catalog.regclass::text, t.tgenabled::text, pg_catalog.array_agg(t.tgname::text ORDER BY t.tgname)
-  FROM pg_catalog.pg_trigger t
- WHERE pyreplica.py_log_is_capture_fn(t.tgfoid) AND t.tgenabled IN ('D', 'R')
- GROUP BY 1, 2
- ORDER BY 1, 2
-"""
-TRIGGER_STATES = {"D": "disabled", "R": "enabled for replica sessions only"}
-
-
 def slaves(master_conn):
     """One dict per registered slave, with its lag."""
     with master_conn.cursor() as cur:
@@ -64,14 +52,6 @@ def in_doubt(conn, side):
         return found
 
 
-def capture_off(master_conn):
-    """Captured tables whose capture triggers do not fire for the master's writes."""
-    with master_conn.cursor() as cur:
-        cur.execute(CAPTURE_OFF)
-        return [{"table": table, "triggers": triggers, "state": TRIGGER_STATES[state]}
-                for table, state, triggers in cur.fetchall()]
-
-
 def collect(config, only=None):
     """The status report as a dict (what --json prints); `only` narrows it to one slave."""
     with contextlib.closing(connect(config.DSN0, "master", "pyreplica status",
@@ -79,7 +59,7 @@ def collect(config, only=None):
         conn.autocommit = True
         master.require_installed(conn)
         report = {"master": conn.info.dbname, "slaves": slaves(conn), "in_doubt": in_doubt(conn, "master"),
-                  "capture_off": capture_off(conn)}
+                  "capture_off": master.capture_off(conn)}
     if only:
         report["slaves"] = [s for s in report["slaves"] if s["name"] == only]
         report["in_doubt"] = [x for x in report["in_doubt"] if x["slave"] == only]
@@ -136,10 +116,7 @@ def alerts(report):
                 f"VACUUM of the whole {x['side']} cluster and keeps its locks; start the daemon for slave "
                 f"{x['slave']} or run `pyreplica recover MASTER SLAVE`"
                 for x in report["in_doubt"] if x["age_seconds"] > IN_DOUBT_ALERT]
-    capture = [f"the capture of {x['table']} is off (trigger(s) {', '.join(x['triggers'])} {x['state']}): its "
-               f"writes on the master reach no slave. Enable them (ALTER TABLE {x['table']} ENABLE TRIGGER ...), "
-               f"then `pyreplica compare` each slave and `pyreplica repair` what differs"
-               for x in report["capture_off"]]
+    capture = [master.capture_off_message(x) for x in report["capture_off"]]
     return in_doubt + capture
 
 

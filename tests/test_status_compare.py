@@ -91,10 +91,10 @@ def test_status_alerts_on_a_capture_trigger_disabled_on_the_master(master, slave
     assert code == 3, err
     alerts = [line for line in out.splitlines() if line.startswith("ALERT: ")]
     assert alerts == [
-        "ALERT: the capture of public.pair is off (trigger(s) pair_replica_tg, pair_replica_tg_d, pair_replica_tg_t, "
+        "ALERT: The capture of public.pair is off (trigger(s) pair_replica_tg, pair_replica_tg_d, pair_replica_tg_t, "
         "pair_replica_tg_u disabled): its writes on the master reach no slave. Enable them (ALTER TABLE public.pair "
         "ENABLE TRIGGER ...), then `pyreplica compare` each slave and `pyreplica repair` what differs",
-        "ALERT: the capture of public.t is off (trigger(s) t_replica_tg_u enabled for replica sessions only): its "
+        "ALERT: The capture of public.t is off (trigger(s) t_replica_tg_u enabled for replica sessions only): its "
         "writes on the master reach no slave. Enable them (ALTER TABLE public.t ENABLE TRIGGER ...), then "
         "`pyreplica compare` each slave and `pyreplica repair` what differs"]
     assert json.loads(run_cli("status", master.dsn, "--json")[1])["capture_off"] == [
@@ -103,6 +103,19 @@ def test_status_alerts_on_a_capture_trigger_disabled_on_the_master(master, slave
         {"table": "public.t", "triggers": ["t_replica_tg_u"], "state": "enabled for replica sessions only"}]
     master.execute("ALTER TABLE pair ENABLE TRIGGER ALL; ALTER TABLE t ENABLE TRIGGER t_replica_tg_u")
     assert status_json(master.dsn)["capture_off"] == []
+
+
+def test_the_daemon_warns_once_of_a_capture_trigger_disabled_on_the_master(master, slave):
+    replicated(master, slave)
+    master.execute("ALTER TABLE pair DISABLE TRIGGER pair_replica_tg_u")
+    warning = ("The capture of public.pair is off (trigger(s) pair_replica_tg_u disabled): its writes on the master "
+               "reach no slave.")
+    with Daemon(master, slave, name="s1") as daemon:
+        daemon.wait_for_output(warning)
+        master.execute("INSERT INTO t (id) VALUES (1000)")     # replication goes on
+        wait_identical(master, slave, ["t"])
+        assert daemon.output.count(warning) == 1, daemon.output
+        assert daemon.stop() == 0
 
 
 def test_status_cannot_connect_is_one_line_exit_1():
