@@ -26,6 +26,7 @@ SELECT gid, prepared, extract(epoch FROM now() - prepared)::float8
  ORDER BY prepared
 """
 
+
 def slaves(master_conn):
     """One dict per registered slave, with its lag."""
     with master_conn.cursor() as cur:
