@@ -38,8 +38,11 @@ def test_demo_replicates_shows_status_and_compare_and_cleans_up():
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupted_demo_leaves_no_server_behind(sig):
+    # as from a terminal: a job started in the background by a shell without job control ignores
+    # SIGINT, and so would the demo it runs
     proc = subprocess.Popen([sys.executable, "-m", "pyreplica.cli", "demo"], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     output = ""
     for line in proc.stdout:
         output += line
