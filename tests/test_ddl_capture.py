@@ -169,6 +169,26 @@ def test_concurrently_is_not_logged_and_says_what_to_do(captured):
     assert indexes(master) == ["t_pkey", "t_v"] and logged_statements(master) == []
 
 
+def test_enabling_or_disabling_triggers_is_not_logged_and_replay_goes_on(captured):
+    # a DBA disables the capture triggers for a bulk load: the slaves have no such triggers, so
+    # replaying the statement there would stop replication; a trigger's state is each node's own
+    master, slave = captured
+    with Daemon(master, slave, name="trg") as daemon:
+        with contextlib.closing(master.connect()) as conn, conn.cursor() as cur:
+            cur.execute("ALTER TABLE t DISABLE TRIGGER t_replica_tg_u")
+            cur.execute("ALTER TABLE t ENABLE ALWAYS TRIGGER t_replica_tg_u")
+            cur.execute("alter table t enable trigger all")
+            assert [n.splitlines()[0] for n in conn.notices] == [
+                "WARNING:  pyreplica: ALTER TABLE ... ENABLE/DISABLE TRIGGER is not logged for the slaves (a "
+                "trigger's state is each node's own, and pyreplica's capture triggers are only on the master)"] * 3
+            with pytest.raises(psycopg2.errors.RaiseException, match="in an ALTER TABLE of its own"):
+                cur.execute("ALTER TABLE t ADD COLUMN w numeric(10, 2), DISABLE TRIGGER t_replica_tg_u")
+        assert logged_statements(master) == []
+        master.execute("INSERT INTO t VALUES (1, 'a')")
+        wait_identical(master, slave, ["t"])
+        assert "error" not in daemon.output.lower(), daemon.output
+
+
 def test_a_role_that_is_not_a_superuser_is_refused(captured):
     master, _ = captured
     master.execute("CREATE ROLE ddl_owner_%s LOGIN" % master.name)

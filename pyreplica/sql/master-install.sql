@@ -797,7 +797,8 @@ COMMENT ON FUNCTION pyreplica.py_log_setting_on(text) IS 'pyreplica: is a settin
 -- How the query string reads as `tag` (the command the event trigger fired for): 'ok' (exactly
 -- that one statement), 'concurrently' (CREATE/DROP INDEX CONCURRENTLY), 'inside' (another
 -- statement, e.g. a DO block or a function call, ran the DDL), 'unqualified' (CREATE TABLE without
--- a schema) or 'statements:N' (N statements).
+-- a schema), 'triggers' (ALTER TABLE ... ENABLE/DISABLE TRIGGER alone), 'triggers and more' (with
+-- other subcommands) or 'statements:N' (N statements).
 CREATE OR REPLACE FUNCTION pyreplica.py_log_ddl_reading(query text, tag text)
 RETURNS text
 LANGUAGE plpython3u IMMUTABLE
@@ -874,11 +875,26 @@ def is_the_command(words, tag):
     return words[:len(expected)] == expected
 
 
+def sets_triggers(words):
+    """Does an ALTER TABLE (ENABLE | DISABLE) [ALWAYS | REPLICA] TRIGGER?"""
+    return any(w in ("ENABLE", "DISABLE") and "TRIGGER" in words[i + 1:i + 3] for i, w in enumerate(words))
+
+
+def top_level_commas(words):
+    depth, commas = 0, 0
+    for w in words:
+        depth += (w == "(") - (w == ")")
+        commas += w == "," and depth == 0
+    return commas
+
+
 found = statements(query)
 if len(found) != 1:
     return "statements:%d" % len(found)
 if not is_the_command(found[0], tag):
     return "inside"
+if tag == "ALTER TABLE" and sets_triggers(found[0]):
+    return "triggers" if top_level_commas(found[0]) == 0 else "triggers and more"
 if tag in ("CREATE INDEX", "DROP INDEX") and "CONCURRENTLY" in found[0][:4]:
     return "concurrently"
 # A slave's search_path starts with pg_catalog: an unqualified new table would be created there.
@@ -911,6 +927,15 @@ BEGIN
     ELSIF reading = 'unqualified' THEN
         RAISE EXCEPTION 'pyreplica: ddl = on needs the schema of a new table in CREATE TABLE (the slaves run it with search_path pg_catalog, public)'
             USING HINT = 'Write CREATE TABLE public.name (...), or log it yourself with SELECT py_log_sql(''...''), or turn the DDL capture off: SELECT pyreplica.set_option(''ddl'', ''off'');';
+    ELSIF reading = 'triggers' THEN
+        -- the slaves have no capture triggers (a DISABLE TRIGGER for a bulk load would stop their
+        -- replay), and their own triggers do not fire on replay anyway
+        RAISE WARNING 'pyreplica: ALTER TABLE ... ENABLE/DISABLE TRIGGER is not logged for the slaves (a trigger''s state is each node''s own, and pyreplica''s capture triggers are only on the master)'
+            USING HINT = 'To change a trigger on the slaves too: SELECT py_log_sql_only(''ALTER TABLE ...'');';
+        RETURN NULL;
+    ELSIF reading = 'triggers and more' THEN
+        RAISE EXCEPTION 'pyreplica: ddl = on does not log ENABLE/DISABLE TRIGGER for the slaves: run it in an ALTER TABLE of its own'
+            USING HINT = 'Split the statement: its other changes are logged, the trigger''s state stays this node''s own.';
     ELSIF reading = 'concurrently' THEN
         RAISE WARNING 'pyreplica: % CONCURRENTLY is not logged for the slaves (they replay inside a transaction, where it cannot run)', tag
             USING HINT = format('Do it on the slaves too: SELECT py_log_sql_only(''%s ...''); (without CONCURRENTLY).', tag);
