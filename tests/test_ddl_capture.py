@@ -184,6 +184,11 @@ def test_enabling_or_disabling_triggers_is_not_logged_and_replay_goes_on(capture
             with pytest.raises(psycopg2.errors.RaiseException, match="in an ALTER TABLE of its own"):
                 cur.execute("ALTER TABLE t ADD COLUMN w numeric(10, 2), DISABLE TRIGGER t_replica_tg_u")
         assert logged_statements(master) == []
+        # read as the words say: a column renamed to "trigger" is no trigger's state
+        readings = [master.scalar("SELECT pyreplica.py_log_ddl_reading(%s, 'ALTER TABLE')", (text,)) for text in (
+            "ALTER TABLE t RENAME COLUMN enable TO trigger", "ALTER TABLE t DISABLE REPLICA TRIGGER x",
+            "ALTER TABLE t ENABLE ALWAYS TRIGGER x, ADD COLUMN c numeric(10, 2)")]
+        assert readings == ["ok", "triggers", "triggers and more"]
         master.execute("INSERT INTO t VALUES (1, 'a')")
         wait_identical(master, slave, ["t"])
         assert "error" not in daemon.output.lower(), daemon.output

@@ -876,8 +876,14 @@ def is_the_command(words, tag):
 
 
 def sets_triggers(words):
-    """Does an ALTER TABLE (ENABLE | DISABLE) [ALWAYS | REPLICA] TRIGGER?"""
-    return any(w in ("ENABLE", "DISABLE") and "TRIGGER" in words[i + 1:i + 3] for i, w in enumerate(words))
+    """Does an ALTER TABLE (ENABLE | DISABLE) [ALWAYS | REPLICA] TRIGGER? (Word next to word: a
+    column renamed from "enable" to "trigger" is not one.)"""
+    for i, w in enumerate(words):
+        if w in ("ENABLE", "DISABLE"):
+            following = words[i + 1:i + 3]
+            if following[:1] == ["TRIGGER"] or (following[:1] in (["ALWAYS"], ["REPLICA"]) and following[1:] == ["TRIGGER"]):
+                return True
+    return False
 
 
 def top_level_commas(words):
