@@ -26,15 +26,19 @@ def master_session(dsn):
         yield conn
 
 
+def locked_by_in_doubt_batch(name, what, side):
+    """The error for a lock_timeout behind one of slave `name`'s batches, prepared and left in doubt."""
+    return ReplicaError(f"slave {name}'s {what} is locked by one of its batches prepared (in doubt) on the {side}: "
+                        f"settle it first (pyreplica recover MASTER SLAVE, or start its daemon)", side)
+
+
 def drop_slave(master_dsn, name):
     """Forget a slave on the master, so the log is pruned without waiting for it."""
     with master_session(master_dsn) as conn:
         try:
             dropped = master.drop_slave(conn, name)
         except psycopg2.errors.LockNotAvailable:
-            raise ReplicaError(f"slave {name}'s registration is locked by one of its batches prepared (in doubt) on "
-                               f"the master: settle it first (pyreplica recover MASTER SLAVE, or start its daemon)",
-                               "master") from None
+            raise locked_by_in_doubt_batch(name, "registration", "master") from None
         if not dropped:
             raise ReplicaError(f"no slave named {name} is registered on the master", "master")
     print(f"slave {name} dropped: the master's log no longer waits for it")
@@ -85,9 +89,7 @@ def skip_event(config, name, event_id):
                 cur.execute(SKIP_ON_SLAVE, (name, event_id, txid, described))
         except psycopg2.errors.LockNotAvailable:
             # the request's row is updated by the batch that skips the event: that batch is in doubt
-            raise ReplicaError(f"slave {name}'s request to skip event {event_id} is locked by one of its batches "
-                               f"prepared (in doubt) on the slave: settle it first (pyreplica recover MASTER "
-                               f"SLAVE, or start its daemon)", "slave") from None
+            raise locked_by_in_doubt_batch(name, f"request to skip event {event_id}", "slave") from None
     print(f"event {event_id} ({described}) will be skipped by slave {name}: recorded on the master and on the "
           f"slave; its daemon leaves it out of its next batch (and logs and mails it)")
     return 0

@@ -7,7 +7,7 @@ import psycopg2
 
 from . import config as configuration, log
 from .config import EXIT_CONFIG, EXIT_FAIL, ConfigError
-from .db import ReplicaError, first_line
+from .db import ReplicaError, server_message
 
 
 def add_server_args(parser):
@@ -237,7 +237,7 @@ COMMANDS = {"run": cmd_run, "clone": cmd_clone, "drop-slave": cmd_drop_slave, "r
 
 
 def database_error(error):
-    message = first_line(error).removeprefix("ERROR:").strip()
+    message = server_message(error)
     return f"{message} (SQLSTATE {error.pgcode})" if error.pgcode else message
 
 

@@ -89,8 +89,12 @@ def split_password(dsn):
 def refusal(error, side):
     """A ReplicaError carrying the message of an exception that pyreplica's SQL raised on purpose
     (RAISE EXCEPTION 'pyreplica: ...'), without PostgreSQL's "ERROR:" and our prefix."""
-    message = first_line(error).removeprefix("ERROR:").strip().removeprefix("pyreplica: ")
-    return ReplicaError(message, side)
+    return ReplicaError(server_message(error).removeprefix("pyreplica: "), side)
+
+
+def server_message(error):
+    """The first line of a server's error, without its "ERROR:"."""
+    return first_line(error).removeprefix("ERROR:").strip()
 
 
 def first_line(error):
