@@ -29,8 +29,15 @@ SET lc_monetary = 'C';
 SET xmloption = content;
 """
 
+# The search_path replayed statements run with (apply_events sets it around each one, run_alone too):
+# the logged ones name their tables in full, but administrators' SQL names them as the master's
+# default path did, and the operators of an extension's types (citext's =) live in public. Only
+# there, and only while no role but a superuser or the daemon's own owns an operator in public
+# (UNTRUSTED_OPERATORS): else one could stand in for pg_catalog's = in a replayed WHERE.
+REPLAY_PATH = "pg_catalog, public"
+
 # slave-install.sql stamps this on pyreplica.apply_events; bump both together when the script changes.
-SLAVE_SCHEMA_VERSION = "pyreplica slave schema 4"
+SLAVE_SCHEMA_VERSION = "pyreplica slave schema 5"
 APPLY_EVENTS_SIGNATURE = "pyreplica.apply_events(bigint[], text[], text[], text[], integer[])"
 SLAVE_SCHEMA_CURRENT = """
 SELECT to_regclass('pyreplica.position') IS NOT NULL
@@ -130,12 +137,39 @@ ALONE_CANDIDATES = f"SELECT * FROM ({master.BATCH_EVENTS}) e WHERE {master.MAY_R
 PENDING_SKIPS = """
 SELECT event_id, txid::text FROM pyreplica.skip_requests WHERE slave = %s AND skipped_at IS NULL
 """
-# The batch's first slave statement: skip-event's pending requests, and the tables this slave does not
-# take from the stream now (table_states), locked FOR SHARE until the batch ends (docs/design.md §13).
-BATCH_SLAVE_STATE = """
+# Roles whose objects the daemon lets run as its own role: superusers, and itself.
+TRUSTED_OWNER = "(owner = current_user::regrole OR (SELECT rolsuper FROM pg_roles WHERE oid = owner))"
+# Operators in public (REPLAY_PATH) owned by anyone else, e.g. "public.=(character varying,...)
+# owned by evil": while one exists, no batch is replayed.
+UNTRUSTED_OPERATORS = f"""
+SELECT o.oid::regoperator::text || ' owned by ' || owner::text
+  FROM pg_operator o CROSS JOIN LATERAL (SELECT o.oprowner::regrole AS owner) r
+ WHERE o.oprnamespace = (SELECT oid FROM pg_namespace WHERE nspname = 'public') AND NOT {TRUSTED_OWNER}
+"""
+# The batch's first slave statement: skip-event's pending requests, the tables this slave does not
+# take from the stream now (table_states), locked FOR SHARE until the batch ends (docs/design.md §13),
+# and the operators in public that a replayed statement could run (UNTRUSTED_OPERATORS).
+BATCH_SLAVE_STATE = f"""
 SELECT ARRAY(SELECT ARRAY[event_id::text, txid::text] FROM pyreplica.skip_requests
               WHERE slave = %(slave)s AND skipped_at IS NULL),
-       ARRAY(SELECT relname FROM pyreplica.table_states WHERE slave = %(slave)s FOR SHARE)
+       ARRAY(SELECT relname FROM pyreplica.table_states WHERE slave = %(slave)s FOR SHARE),
+       ARRAY({UNTRUSTED_OPERATORS})
+"""
+# Objects in the slave's schema pyreplica owned by another role than a trusted one: its owner could
+# run code as the daemon (a planted apply_events, a trigger on pyreplica.position). Checked before
+# the schema is used or installed.
+UNTRUSTED_SLAVE_OBJECTS = f"""
+SELECT kind || ' ' || name || ' owned by ' || owner::text FROM (
+    SELECT 'schema', nspname::text, nspowner::regrole FROM pg_namespace WHERE nspname = 'pyreplica'
+    UNION ALL SELECT 'relation', oid::regclass::text, relowner::regrole FROM pg_class
+     WHERE relnamespace = to_regnamespace('pyreplica')
+    UNION ALL SELECT 'function', oid::regprocedure::text, proowner::regrole FROM pg_proc
+     WHERE pronamespace = to_regnamespace('pyreplica')
+    UNION ALL SELECT 'type', oid::regtype::text, typowner::regrole FROM pg_type
+     WHERE typnamespace = to_regnamespace('pyreplica')
+    UNION ALL SELECT 'operator', oid::regoperator::text, oprowner::regrole FROM pg_operator
+     WHERE oprnamespace = to_regnamespace('pyreplica')) o(kind, name, owner)
+ WHERE NOT {TRUSTED_OWNER}
 """
 MARK_SKIPPED = """
 UPDATE pyreplica.skip_requests SET skipped_at = now(), batch_id = %s
@@ -178,6 +212,14 @@ def install(slave_conn):
     connection). When it is current nothing is executed, so a role without CREATE works once an
     administrator (or an earlier run) has installed it."""
     with slave_conn.cursor() as cur:
+        cur.execute(UNTRUSTED_SLAVE_OBJECTS)
+        untrusted = [row[0] for row in cur.fetchall()]
+        if untrusted:
+            raise ReplicaError(
+                f"the slave's schema pyreplica holds {'; '.join(untrusted)}: its owner could run code "
+                "as the daemon's role. Only a superuser or the daemon's role may own what is in it: "
+                "drop what someone else made (DROP SCHEMA pyreplica CASCADE, if it holds no position "
+                "you need), or change its owner", "slave")
         cur.execute(SLAVE_SCHEMA_CURRENT, (APPLY_EVENTS_SIGNATURE, SLAVE_SCHEMA_VERSION))
         if cur.fetchone()[0]:
             return
@@ -224,6 +266,7 @@ def run_alone(slave_conn, events):
             continue
         try:
             with slave_conn.cursor() as cur:
+                cur.execute("SELECT pg_catalog.set_config('search_path', %s, true)", (REPLAY_PATH,))
                 cur.execute(sql)
             slave_conn.commit()
         except psycopg2.DatabaseError as e:
@@ -277,7 +320,12 @@ def batch_state(slave_cur, slave, begin=""):
     in the batch's transaction (`begin` opens it): the held tables' rows stay locked FOR SHARE until it
     ends."""
     slave_cur.execute(begin + BATCH_SLAVE_STATE, {"slave": slave})
-    pairs, held = slave_cur.fetchone()
+    pairs, held, untrusted = slave_cur.fetchone()
+    if untrusted:       # (an ApplyError: the batch is rolled back and retried, and resumes once it is gone)
+        raise ApplyError(
+            f"the slave has {'; '.join(untrusted)}: a replayed statement could run it as the daemon's "
+            "role, so nothing is replayed until an administrator drops it or gives it to a trusted "
+            "owner (a superuser, or this daemon's role)")
     return {int(event_id): txid for event_id, txid in pairs}, frozenset(held)
 
 

@@ -7,7 +7,10 @@ from dataclasses import dataclass
 from .db import ReplicaError, fetch_one
 
 CHANNEL = "replicas"                    # the capture trigger's NOTIFY channel
-SEARCH_PATH = "pg_catalog, pg_temp"     # pinned in every master session the daemon opens
+# Pinned in every session pyreplica opens, on the master and on the slave: no schema any role may
+# write is searched, so no function or operator planted there stands in for a built-in one (pg_temp
+# is never searched for either). Replayed statements get public back (apply.REPLAY_PATH).
+SEARCH_PATH = "pg_catalog, pg_temp"
 
 # the newest function of master-install.sql: an older install of this layout must be re-run
 INSTALLED = "SELECT to_regprocedure('pyreplica.confirm(text,pg_snapshot,bigint,bigint,text,text)') IS NOT NULL"

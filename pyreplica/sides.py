@@ -20,10 +20,6 @@ SLAVE_COLUMNS = """
 SELECT array_agg(a.attname::text) FROM pg_catalog.pg_attribute a
  WHERE a.attrelid = pg_catalog.to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped
 """
-# The slave runs the logged statements (schema-qualified) and administrators' SQL (names resolved
-# in public, as an unqualified name was on the master's default path); pg_catalog first, so no
-# object in public can stand in for a built-in one.
-SLAVE_SEARCH_PATH = "pg_catalog, public"
 
 
 class SlaveBusy(ReplicaError):
@@ -96,7 +92,7 @@ class Sides:
         self.reader = self._open_reader()
 
         self.log.info("Opening replica (slave) connection")
-        self.slave = self._connect(self.config.DSN1, "slave", SLAVE_SEARCH_PATH)
+        self.slave = self._connect(self.config.DSN1, "slave", master.SEARCH_PATH)
         self.slave.autocommit = True
         twophase.require_two_phase_commit(self.slave, "slave")
         if not fetch_one(self.slave, SLAVE_LOCK, (self.name,)):

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from pyreplica import apply, db
 from pyreplica.batch import Event
-from pyreplica.db import connect
+from pyreplica.db import ReplicaError, connect
 from replication import Daemon, conf_daemon, create_on_both, wait_identical, wait_until
 
 pytestmark = pytest.mark.usefixtures("group_small_chunks")
@@ -124,29 +124,37 @@ def test_failure_is_data_with_detail_and_hint_and_names_the_key_not_the_row(slav
         assert cur.fetchall() == [(1,), (5,)]
 
 
-def test_install_needs_no_create_once_the_schema_is_current(slave):
+def test_install_needs_no_create_once_the_schema_is_current_and_refuses_a_schema_another_role_owns(slave):
     slave.execute("CREATE ROLE pr_apply_owner LOGIN; CREATE ROLE pr_apply_user LOGIN")
+
+    def connect_as(role):
+        conn = psycopg2.connect(slave.cluster.dsn(slave.name, user=role))
+        conn.autocommit = True
+        return contextlib.closing(conn)
     try:
         slave.execute(f"REVOKE CREATE ON DATABASE {slave.name} FROM PUBLIC; "
                       "CREATE SCHEMA pyreplica AUTHORIZATION pr_apply_owner")
         # the schema's owner, without CREATE on the database, installs into it
-        with contextlib.closing(psycopg2.connect(slave.cluster.dsn(slave.name, user="pr_apply_owner"))) as conn:
-            conn.autocommit = True
+        with connect_as("pr_apply_owner") as conn:
             apply.install(conn)
             assert apply.read_position(conn, "nobody") is None
-        # a role that may create nothing works once it is current: install executes nothing
+        # another ordinary role's schema: its owner could run code as this role (a planted apply_events)
         slave.execute("GRANT USAGE ON SCHEMA pyreplica TO pr_apply_user")
-        with contextlib.closing(psycopg2.connect(slave.cluster.dsn(slave.name, user="pr_apply_user"))) as conn:
-            conn.autocommit = True
+        with connect_as("pr_apply_user") as conn, pytest.raises(ReplicaError) as refused:
+            apply.install(conn)
+        assert str(refused.value).startswith("the slave's schema pyreplica holds schema pyreplica owned by "
+                                             "pr_apply_owner; ")
+        assert ("function pyreplica.apply_events(bigint[],text[],text[],text[],integer[]) owned by pr_apply_owner"
+                in str(refused.value))
+        # a role that may create nothing works once it is current: install executes nothing
+        slave.execute("REASSIGN OWNED BY pr_apply_owner TO CURRENT_USER")
+        with connect_as("pr_apply_user") as conn:
             apply.install(conn)
         # an outdated function (no version marker) is replaced by its owner
         slave.execute("COMMENT ON FUNCTION pyreplica.apply_events(bigint[], text[], text[], text[], int[]) IS NULL")
-        with contextlib.closing(psycopg2.connect(slave.cluster.dsn(slave.name, user="pr_apply_user"))) as conn:
-            conn.autocommit = True
-            with pytest.raises(psycopg2.errors.InsufficientPrivilege):
-                apply.install(conn)
-        with contextlib.closing(psycopg2.connect(slave.cluster.dsn(slave.name, user="pr_apply_owner"))) as conn:
-            conn.autocommit = True
+        with connect_as("pr_apply_user") as conn, pytest.raises(psycopg2.errors.InsufficientPrivilege):
+            apply.install(conn)
+        with contextlib.closing(slave.connect()) as conn:
             apply.install(conn)
         assert slave.scalar("SELECT obj_description('pyreplica.apply_events(bigint[], text[], text[], text[], "
                             "int[])'::regprocedure, 'pg_proc')") == apply.SLAVE_SCHEMA_VERSION

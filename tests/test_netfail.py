@@ -208,11 +208,12 @@ def test_the_daemon_s_sessions_carry_the_peer_timeout_settings(master, slave, co
     (over TCP: on a Unix socket the keepalive settings read 0)."""
     from pyreplica import config as configuration, log
     from pyreplica.filters import Pipeline
-    from pyreplica.sides import SLAVE_SEARCH_PATH, Sides
+    from pyreplica.master import SEARCH_PATH
+    from pyreplica.sides import Sides
     config = configuration.load(conf_file(master.dsn, slave.dsn))
     sides = Sides(config, "s1", Pipeline([]), log.get())
     for dsn in (master.dsn, slave.dsn):
-        conn = sides._connect(dsn, "slave", SLAVE_SEARCH_PATH)
+        conn = sides._connect(dsn, "slave", SEARCH_PATH)
         try:
             with conn.cursor() as cur:
                 shown = {}

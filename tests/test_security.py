@@ -8,6 +8,7 @@ import pytest
 from psycopg2 import sql
 
 import pyreplica
+import pyreplica.apply
 from replication import Daemon, create_on_both, run_cli, wait_identical, wait_until
 
 # Named like pyreplica's functions (old and new), with the signatures its calls would match if they
@@ -90,6 +91,81 @@ def test_functions_planted_before_and_after_install_never_run_as_superuser(bare_
     assert run_cli("compare", master.dsn, slave.dsn, "--name", "s1")[0] == 0
     assert master.scalar("SELECT py_log_drop_tg('t')") == "dropped trigger on t"
     assert not attacker.is_superuser()
+
+
+@pytest.fixture
+def slave_attacker(slave):
+    a = Attacker(slave)
+    a.run(f"CREATE TABLE public.{a.name}_ran (who text); GRANT INSERT ON public.{a.name}_ran TO PUBLIC")
+    yield a
+    a.drop()
+
+
+def planted_body(attacker):
+    """PL/pgSQL that makes the attacker superuser when a superuser runs it, and records who ran it."""
+    return (f"BEGIN EXECUTE 'ALTER ROLE {attacker.name} SUPERUSER'; EXCEPTION WHEN others THEN NULL; END; "
+            f"INSERT INTO public.{attacker.name}_ran VALUES (current_user);")
+
+
+def who_ran(attacker):
+    return [row[0] for row in attacker.db.execute(f"SELECT who FROM public.{attacker.name}_ran")]
+
+
+def test_functions_and_operators_planted_in_the_slaves_public_never_run_in_replay(master, slave, slave_attacker):
+    """In public, a better match than pg_catalog's polymorphic or cast-needing built-in would be
+    chosen: array_length(bigint[], int) in apply_events, quote_ident(name) in the catalog lookup of
+    a grouped chunk, and = on varchar in a replayed WHERE. The first two are never searched for;
+    while the operator exists nothing is replayed, and replay resumes once it is dropped."""
+    body = planted_body(slave_attacker)
+    slave_attacker.run(f"""
+        CREATE FUNCTION public.array_length(a bigint[], d int) RETURNS int LANGUAGE plpgsql
+            AS $$ BEGIN {body} RETURN pg_catalog.array_length(a, d); END $$;
+        CREATE FUNCTION public.quote_ident(n name) RETURNS text LANGUAGE plpgsql
+            AS $$ BEGIN {body} RETURN pg_catalog.quote_ident(n::text); END $$;""")
+    create_on_both(master, slave, "CREATE TABLE t (id int PRIMARY KEY, v text); "
+                                  "CREATE TABLE k (id varchar PRIMARY KEY, v text)", ["t", "k"])
+    master.execute("INSERT INTO t SELECT g, 'a' FROM generate_series(1, 40) g; "
+                   "INSERT INTO k VALUES ('victim', 'keep me'), ('k', 'a')")
+    with Daemon(master, slave, name="s1") as daemon:
+        wait_identical(master, slave, ["t", "k"])
+        master.execute("UPDATE t SET v = 'b'")      # 40 statements: grouped, its tables looked up
+        wait_identical(master, slave, ["t"])
+        slave_attacker.run(f"""
+            CREATE FUNCTION public.evil_eq(a varchar, b varchar) RETURNS boolean LANGUAGE plpgsql
+                AS $$ BEGIN {body} DELETE FROM public.k WHERE id::text = 'victim'; RETURN a::text = b::text; END $$;
+            CREATE OPERATOR public.= (LEFTARG = varchar, RIGHTARG = varchar, FUNCTION = public.evil_eq)""")
+        master.execute("UPDATE k SET v = 'b' WHERE id = 'k'")
+        daemon.wait_for_output("the slave has public.=(character varying,character varying) owned by "
+                               f"{slave_attacker.name}: a replayed statement could run it as the daemon's role")
+        assert slave.execute("SELECT id, v FROM k ORDER BY id") == [("k", "a"), ("victim", "keep me")]
+        slave.execute("DROP OPERATOR public.= (varchar, varchar)")
+        wait_identical(master, slave, ["t", "k"])
+    assert who_ran(slave_attacker) == [] and not slave_attacker.is_superuser()
+
+
+def test_a_slave_schema_planted_before_the_first_start_is_refused(master, slave, slave_attacker):
+    """The slave's schema pyreplica made by an ordinary role, with a look-alike apply_events marked
+    current: the daemon would call it. It refuses to use a schema anyone else than a superuser or
+    its own role owns, and says what to do."""
+    slave.execute(sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(sql.Identifier(slave.name),
+                                                                       sql.Identifier(slave_attacker.name)))
+    with open(os.path.join(pyreplica.SQL_DIR, "slave-install.sql")) as f:
+        slave_attacker.run(f.read())
+    slave_attacker.run(f"""CREATE OR REPLACE FUNCTION pyreplica.apply_events(ids bigint[], ops text[], rels text[],
+                               stmts text[], rows int[], OUT failed int, OUT code text, OUT message text,
+                               OUT detail text, OUT hint text) LANGUAGE plpgsql
+                           AS $$ BEGIN {planted_body(slave_attacker)} END $$""")
+    slave.execute(f"COMMENT ON FUNCTION pyreplica.apply_events(bigint[], text[], text[], text[], int[]) "
+                  f"IS '{pyreplica.apply.SLAVE_SCHEMA_VERSION}'")
+    create_on_both(master, slave, "CREATE TABLE t (id int PRIMARY KEY, v text)", ["t"])
+    master.execute("INSERT INTO t VALUES (1, 'a')")
+    with Daemon(master, slave, name="s1") as daemon:
+        daemon.wait_for_output(f"the slave's schema pyreplica holds schema pyreplica owned by {slave_attacker.name}; ")
+    assert "DROP SCHEMA pyreplica CASCADE" in daemon.output
+    assert who_ran(slave_attacker) == [] and not slave_attacker.is_superuser()
+    slave.execute("DROP SCHEMA pyreplica CASCADE")
+    with Daemon(master, slave, name="s1"):
+        wait_identical(master, slave, ["t"])
 
 
 def test_a_relname_with_a_dot_never_captures_another_table(master):

@@ -80,6 +80,10 @@ CREATE FUNCTION pyreplica.apply_events(ids bigint[], ops text[], rels text[], st
                                        OUT failed int, OUT code text, OUT message text,
                                        OUT detail text, OUT hint text)
 LANGUAGE plpgsql
+-- Its own expressions see pg_catalog only (no function or operator planted in public can stand in
+-- for a built-in one here); the replayed statements run with public on the path, as on the master's
+-- default one (extension types' operators live there), see REPLAY_PATH and docs/design.md §6.
+SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
     i    int := 0;
@@ -87,11 +91,13 @@ DECLARE
     verb text;
 BEGIN
     -- a WHILE loop, not FOR: a FOR loop's variable would hide i from the exception handler
-    WHILE i < coalesce(array_length(ids, 1), 0) LOOP
+    WHILE i < coalesce(pg_catalog.array_length(ids, 1), 0) LOOP
         i := i + 1;
+        PERFORM pg_catalog.set_config('search_path', 'pg_catalog, public', true);  -- REPLAY_PATH
         EXECUTE stmts[i];
+        GET DIAGNOSTICS n = ROW_COUNT;      -- (before any other statement: it reads the last one's)
+        PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
         IF ops[i] IN ('I', 'U', 'D') THEN
-            GET DIAGNOSTICS n = ROW_COUNT;
             IF n <> rows[i] THEN
                 verb := CASE ops[i] WHEN 'I' THEN 'INSERT' WHEN 'U' THEN 'UPDATE' ELSE 'DELETE' END;
                 RAISE EXCEPTION 'the % matched % rows on the slave, expected %', verb, n, rows[i]
@@ -112,4 +118,4 @@ $fn$;
 
 -- apply.install() runs this script only when this marker (apply.py's SLAVE_SCHEMA_VERSION) is
 -- missing: a role without CREATE can replicate once the schema is current.
-COMMENT ON FUNCTION pyreplica.apply_events(bigint[], text[], text[], text[], int[]) IS 'pyreplica slave schema 4';
+COMMENT ON FUNCTION pyreplica.apply_events(bigint[], text[], text[], text[], int[]) IS 'pyreplica slave schema 5';
