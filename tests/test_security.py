@@ -1,5 +1,6 @@
 """Security (issue 9, docs/design.md §3), tried as an attacker would on real clusters and real roles:
 planted objects before and after install, a daemon with the least privileges on both sides."""
+import contextlib
 import os
 import time
 import uuid
@@ -166,6 +167,23 @@ def test_a_slave_schema_planted_before_the_first_start_is_refused(master, slave,
     slave.execute("DROP SCHEMA pyreplica CASCADE")
     with Daemon(master, slave, name="s1"):
         wait_identical(master, slave, ["t"])
+
+
+def test_an_advisory_lock_any_role_may_take_stops_no_prune(master, slave):
+    """The prune of the log was serialised by an advisory lock, which any role may take and hold
+    for ever: the log then grew without a word. Holding that key now stops nothing."""
+    attacker = Attacker(master)
+    try:
+        create_on_both(master, slave, "CREATE TABLE t (id int PRIMARY KEY)", ["t"])
+        with contextlib.closing(attacker.db.connect(user=attacker.name)) as hold, hold.cursor() as cur:
+            cur.execute("SELECT pg_advisory_lock(hashtext('pyreplica prune'))")
+            with Daemon(master, slave, name="s1", keepalive=1):
+                master.execute("INSERT INTO t SELECT generate_series(1, 10)")
+                wait_identical(master, slave, ["t"])
+                wait_until(lambda: master.scalar("SELECT count(*) FROM pyreplica.log_pruned") == 1,
+                           timeout=30, message="a prune")
+    finally:
+        attacker.drop()
 
 
 def test_a_relname_with_a_dot_never_captures_another_table(master):

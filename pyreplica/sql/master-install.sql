@@ -1424,7 +1424,7 @@ COMMENT ON FUNCTION pyreplica.confirm(text, pg_snapshot, bigint, bigint) IS 'pyr
 -- Bring a slave's record back to the slave's own position when the record got ahead of it (an
 -- operator committed the master's side of an in-doubt batch and rolled back the slave's, or the
 -- slave was restored from an older backup). Possible only while every event the slave still
--- needs is in the log; serialised with prune, which takes the same lock.
+-- needs is in the log; serialised with prune, which takes the same lock (PRUNE_LOCK below).
 CREATE OR REPLACE FUNCTION pyreplica.rewind_slave(slave text, snap pg_snapshot, batch bigint)
 RETURNS void
 LANGUAGE plpgsql
@@ -1434,7 +1434,7 @@ AS $fn$
 DECLARE
     gone xid8;
 BEGIN
-    PERFORM pg_advisory_xact_lock(hashtext('pyreplica prune'));
+    LOCK TABLE pyreplica.log_pruned IN SHARE ROW EXCLUSIVE MODE;      -- PRUNE_LOCK
     SELECT horizon INTO gone FROM pyreplica.log_pruned WHERE horizon > pg_snapshot_xmin(snap);
     IF FOUND THEN
         RAISE EXCEPTION 'pyreplica: slave "%" is at batch % but the master has pruned events it still needs (of transactions below %)', slave, batch, gone
@@ -1479,8 +1479,10 @@ COMMENT ON FUNCTION pyreplica.log_part_needed(regclass, xid8) IS 'pyreplica: doe
 -- TRUNCATE, never DELETE, so the log does not bloat. A partition goes only when every row in it is
 -- below that horizon, under an ACCESS EXCLUSIVE lock taken with NOWAIT: holding it proves no
 -- writer that has not finished (open or prepared) still has rows there, and no writer ever waits
--- behind us (busy: try again at the next prune). One prune at a time (advisory lock); returns how
--- many events were removed.
+-- behind us (busy: try again at the next prune). One prune at a time; returns how many events were
+-- removed. PRUNE_LOCK: a lock on pyreplica.log_pruned (self-conflicting, and no reader's ACCESS SHARE
+-- conflicts with it), not an advisory one: any role may take any advisory lock, and could so stop
+-- pruning for good without a word; only pyreplica's own functions (and superusers) may lock this table.
 DROP FUNCTION IF EXISTS pyreplica.prune(int);
 CREATE OR REPLACE FUNCTION pyreplica.prune()
 RETURNS bigint
@@ -1499,9 +1501,14 @@ BEGIN
         RAISE EXCEPTION 'pyreplica: prune() must run in a READ COMMITTED transaction (this one is %)',
                         current_setting('transaction_isolation');
     END IF;
-    IF horizon IS NULL OR NOT pg_try_advisory_xact_lock(hashtext('pyreplica prune')) THEN
-        RETURN 0;   -- no slave registered yet (keep everything), or another daemon is pruning
+    IF horizon IS NULL THEN
+        RETURN 0;   -- no slave registered yet: keep everything
     END IF;
+    BEGIN
+        LOCK TABLE pyreplica.log_pruned IN SHARE ROW EXCLUSIVE MODE NOWAIT;     -- PRUNE_LOCK
+    EXCEPTION WHEN lock_not_available THEN
+        RETURN 0;   -- another daemon is pruning, or rewind_slave runs
+    END;
     -- also the partition being written to: NOWAIT fails while a writer there is in flight, and a
     -- writer that comes while we hold the lock waits only for the count and the TRUNCATE
     FOR part IN SELECT format('pyreplica.replica_log_%s', p)::regclass FROM generate_series(0, 2) p LOOP
