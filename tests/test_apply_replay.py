@@ -48,6 +48,32 @@ def test_consecutive_updates_keep_char_bit_varchar_and_numeric_exact(master, sla
         assert "conflict" not in daemon.output and "error at event" not in daemon.output, daemon.output
 
 
+def in_session(db, settings, statement):
+    with contextlib.closing(db.connect()) as conn, conn.cursor() as cur:
+        cur.execute(settings)
+        cur.execute(statement)
+
+
+def test_one_key_written_by_sessions_of_other_time_zones_or_bytea_output_is_one_row(master, slave):
+    """Grouping knows a row by its key's text: the capture must write one text per value, whatever
+    the writer's TimeZone or bytea_output, or the same row's UPDATEs pass each other (silently)."""
+    create_on_both(master, slave, "CREATE TABLE ev (k timestamptz PRIMARY KEY, v text, w text); "
+                                  "CREATE TABLE bk (k bytea PRIMARY KEY, v text, w text)", ["ev", "bk"])
+    master.execute("INSERT INTO ev SELECT '2024-01-01 00:00+00'::timestamptz + g * interval '1 hour', '0', '0' "
+                   "FROM generate_series(0, 29) g; "
+                   "INSERT INTO bk SELECT int4send(g), '0', '0' FROM generate_series(0, 29) g")
+    with Daemon(master, slave, name="keys"):
+        wait_identical(master, slave, ["ev", "bk"])
+    for table, key, first, other in [("ev", "'2024-01-02 01:00+00'", "SET TimeZone = 'UTC'", "SET TimeZone = 'Asia/Kolkata'"),
+                                     ("bk", "int4send(25)", "SET bytea_output = 'hex'", "SET bytea_output = 'escape'")]:
+        in_session(master, first, f"UPDATE {table} SET v = 'a' WHERE k < {key}")    # 25 events: grouped
+        in_session(master, other, f"UPDATE {table} SET v = 'b', w = 'b' WHERE k = {key}")
+        in_session(master, first, f"UPDATE {table} SET v = 'c' WHERE k = {key}")
+        assert master.scalar(f"SELECT v || w FROM {table} WHERE k = {key}") == "cb"
+    with Daemon(master, slave, name="keys"):
+        wait_identical(master, slave, ["ev", "bk"])
+
+
 # -- apply_chunk on a slave database, without a daemon ------------------------------------------
 
 @contextlib.contextmanager

@@ -346,15 +346,19 @@ CREATE OR REPLACE FUNCTION pyreplica.py_log_replica()
 RETURNS trigger
 LANGUAGE plpython3u
 SECURITY DEFINER
--- Only the settings that change what format('%L') writes in a way a slave could read otherwise:
--- every SET clause costs each call. Not pinned, because they cannot: TimeZone (ISO dates carry an
--- explicit offset), bytea_output (both formats read back the same), standard_conforming_strings
--- (quote_literal writes E'' strings when there is a backslash), xmloption (input only).
+-- Only the settings that change what format('%L') writes: every SET clause costs each call. Read
+-- back, TimeZone's and bytea_output's forms mean the same value, but a key must have one text, as
+-- the slave's grouping knows a row by it (apply.group: a timestamptz key written by sessions in two
+-- time zones were two rows, and their UPDATEs were reordered). Not pinned, because they cannot
+-- change the text: standard_conforming_strings (quote_literal writes E'' strings when there is a
+-- backslash), xmloption (input only).
 SET search_path = pg_catalog, pg_temp
 SET "DateStyle" = 'ISO, YMD'
 SET "IntervalStyle" = 'iso_8601'
 SET extra_float_digits = 1
 SET lc_monetary = 'C'
+SET "TimeZone" = 'UTC'
+SET bytea_output = 'hex'
 AS $py$
 # TD["args"][0] is the table's column signature, renewed by py_log_replica_ddl whenever
 # ALTER TABLE changes the columns: a new signature means a new query.
@@ -395,7 +399,7 @@ $py$;
 COMMENT ON FUNCTION pyreplica.py_log_replica() IS 'pyreplica: the capture trigger';
 
 -- The same trigger without the format pins, for tables whose every column prints the same whatever
--- the session's DateStyle, IntervalStyle, extra_float_digits and lc_monetary (py_log_format_neutral):
+-- the session's settings (py_log_format_neutral):
 -- each SET clause costs every call, together about 20 µs of a single-row INSERT's CPU (docs/design.md
 -- §10). One body: copied from py_log_replica, so the two never differ.
 DO $unpinned$
@@ -418,10 +422,10 @@ AS $fn$
 $fn$;
 COMMENT ON FUNCTION pyreplica.py_log_is_capture_fn(oid) IS 'pyreplica: is this a capture trigger function';
 
--- Does a type print the same under any DateStyle, IntervalStyle, extra_float_digits and lc_monetary?
--- Through domains and arrays to the base type, which must be one of these or an enum; everything
--- else (dates and times, intervals, floats, money, and composites and ranges, which may hold them)
--- takes the pinned trigger.
+-- Does a type print the same under any DateStyle, IntervalStyle, extra_float_digits, lc_monetary,
+-- TimeZone and bytea_output? Through domains and arrays to the base type, which must be one of these
+-- or an enum; everything else (dates and times, intervals, floats, money, bytea, and composites and
+-- ranges, which may hold them) takes the pinned trigger.
 CREATE OR REPLACE FUNCTION pyreplica.py_log_format_neutral(typ oid)
 RETURNS boolean
 LANGUAGE sql STABLE
@@ -437,7 +441,7 @@ AS $fn$
     SELECT t.typtype = 'e'
            OR t.oid IN ('bool'::regtype, 'int2'::regtype, 'int4'::regtype, 'int8'::regtype, 'oid'::regtype,
                         'numeric'::regtype, 'text'::regtype, 'varchar'::regtype, 'bpchar'::regtype,
-                        '"char"'::regtype, 'name'::regtype, 'uuid'::regtype, 'bytea'::regtype,
+                        '"char"'::regtype, 'name'::regtype, 'uuid'::regtype,
                         'json'::regtype, 'jsonb'::regtype, 'inet'::regtype, 'cidr'::regtype,
                         'macaddr'::regtype, 'macaddr8'::regtype, 'bit'::regtype, 'varbit'::regtype)
       FROM under u JOIN pg_type t ON t.oid = u.oid
