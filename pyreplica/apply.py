@@ -105,14 +105,17 @@ DELETE_STMT = re.compile(rf"DELETE FROM ({_IDENT}\.{_IDENT}) WHERE ((?:{_ASSIGN}
 # too long value an error, never a silent cut), and the key compared as the single statement's
 # untyped literal is. A rule, or a trigger that fires under session_replication_role = replica
 # (ENABLE ALWAYS / REPLICA, on the table or a partition), could see the order of rows: such a
-# table's events are grouped only while consecutive.
+# table's events are grouped only while consecutive. A row of a partitioned table may be written
+# through its partition or through any table above it, each logging its own relname: grouping knows
+# a row by its partition tree's root.
 TABLE_INFO = """
 SELECT quote_ident(a.attname), format_type(a.atttypid, -1), k.ord,
        NOT c.relhasrules AND NOT EXISTS (
            SELECT FROM pg_trigger g
             WHERE (g.tgrelid = c.oid OR g.tgrelid IN (SELECT relid FROM pg_partition_tree(c.oid)))
               AND g.tgenabled IN ('A', 'R'))
-       AND EXISTS (SELECT FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)
+       AND EXISTS (SELECT FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary),
+       coalesce(pg_partition_root(c.oid), c.oid)::oid
   FROM pg_class c
   JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
   LEFT JOIN pg_index i ON i.indrelid = c.oid AND i.indisprimary
@@ -411,6 +414,7 @@ class Table(NamedTuple):
     types: dict         # quoted column -> type without modifier (see TABLE_INFO)
     key: tuple          # quoted primary-key columns, in key order (() when none)
     reorder: bool       # has a primary key, and no rule or trigger that fires in replica mode
+    root: int = None    # the oid of its partition tree's root (its own when not a partition)
 
 
 def parse_update(text):
@@ -613,6 +617,11 @@ def group(statements, tables):
     columns, key or triggers), every event runs as it came.
     """
     planned, groups, keys, shapes = [], {}, set(), Shapes(tables)
+
+    def row_owner(relname):
+        """What a row belongs to: its partition tree (a partition and its parent log other names)."""
+        table = tables(relname)
+        return relname if table is None or table.root is None else table.root
     last = None             # the previous event's Row in the segment
     admin = next((i for i, s in enumerate(statements) if s.op == "S"), len(statements))
     statements, after_admin = statements[:admin], statements[admin:]
@@ -632,7 +641,7 @@ def group(statements, tables):
         kind, key, part, reorder = row
         current = groups.get(kind)
         moves = last is not None and last.group != kind     # other groups between? only if both may move
-        touched = None if key is None else (kind[1], key)   # (table, primary key): the row it changes
+        touched = None if key is None else (row_owner(kind[1]), key)   # (table, primary key): the row it changes
         if ((touched is not None and touched in keys) or (current is not None and current.full())
                 or (moves and not (reorder and last.reorder))):
             flush()
@@ -667,8 +676,8 @@ def slave_tables(slave_cur):
         if relname not in cache:
             slave_cur.execute(TABLE_INFO, (relname,))
             rows = slave_cur.fetchall()
-            cache[relname] = Table({c: t for c, t, _, _ in rows}, tuple(c for c, _, k, _ in sorted(
-                (r for r in rows if r[2] is not None), key=lambda r: r[2])), rows[0][3]) if rows else None
+            cache[relname] = Table({c: t for c, t, *_ in rows}, tuple(c for c, _, k, *_ in sorted(
+                (r for r in rows if r[2] is not None), key=lambda r: r[2])), rows[0][3], rows[0][4]) if rows else None
         return cache[relname]
     return table
 
