@@ -213,7 +213,7 @@ class ApplyError(ReplicaError):
 def install(slave_conn):
     """Create or upgrade the slave's `pyreplica` schema when it is missing or outdated (autocommit
     connection). When it is current nothing is executed, so a role without CREATE works once an
-    administrator (or an earlier run) has installed it."""
+    administrator (or an earlier run) has installed it. True when there was no schema before."""
     with slave_conn.cursor() as cur:
         cur.execute(UNTRUSTED_SLAVE_OBJECTS)
         untrusted = [row[0] for row in cur.fetchall()]
@@ -225,9 +225,12 @@ def install(slave_conn):
                 "you need), or change its owner", "slave")
         cur.execute(SLAVE_SCHEMA_CURRENT, (APPLY_EVENTS_SIGNATURE, SLAVE_SCHEMA_VERSION))
         if cur.fetchone()[0]:
-            return
+            return False
+        cur.execute("SELECT to_regclass('pyreplica.position') IS NULL")
+        new = cur.fetchone()[0]
         with open(os.path.join(SQL_DIR, "slave-install.sql")) as f:
             cur.execute(f.read())
+        return new
 
 
 def read_position(slave_conn, slave):

@@ -12,6 +12,10 @@ import psycopg2
 from . import apply, master, twophase
 from .db import ReplicaError, close_quietly, connect, fetch_one, fetch_row, refusal
 
+# A slave's position ahead of every transaction the master ever started: another server (a dump
+# restored elsewhere starts its transaction ids anew), whose events would all look applied.
+MASTER_BEHIND = ("SELECT pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot()) "
+                 "OPERATOR(pg_catalog.<) pg_catalog.pg_snapshot_xmax(%s::pg_catalog.pg_snapshot)")
 # One daemon per slave: a second one would apply the same batches again.
 SLAVE_LOCK = "SELECT pg_catalog.pg_try_advisory_lock(pg_catalog.hashtext('pyreplica slave ' || %s::text))"
 SLAVE_IDENTITY = ("SELECT system_identifier::text, pg_catalog.current_database()::text "
@@ -52,6 +56,7 @@ class Sides:
         self.position = None        # (snapshot, batch_id) committed on the slave
         self.cascading = False      # the slave is itself a master: wake its own daemons after a batch
         self.sequences = {}         # sequence -> value this daemon last brought the slave to
+        self.new_slave_schema = False   # the slave had no pyreplica schema: it never replicated
 
     def other_reader(self, busy):
         """The reader connection `busy` is not: sides.reader, or the spare one (connected here the
@@ -98,7 +103,7 @@ class Sides:
         if not fetch_one(self.slave, SLAVE_LOCK, (self.name,)):
             raise SlaveBusy(f"another pyreplica is already replicating into this slave as {self.name}: "
                             f"stop it first (one daemon per slave)", "slave")
-        apply.install(self.slave)
+        self.new_slave_schema = apply.install(self.slave)
         self.cascading = bool(fetch_one(self.slave, master.INSTALLED))
         with self.slave.cursor() as cur:
             apply.start_session(cur)
@@ -161,7 +166,13 @@ class Sides:
         if position is None:
             if record is None or record[1] == 0:
                 return self._first_position(record, identity)
-            # the slave never committed a batch, but the master records one (settled by hand):
+            if record[1] > 1 or self.new_slave_schema:
+                raise ReplicaError(
+                    f"the master records slave {self.name} at batch {record[1]}, but this slave database has no "
+                    f"position for it (recreated, or restored without its pyreplica schema?): its rows are not "
+                    f"known to be the replicated ones. Rebuild it with pyreplica clone (pyreplica drop-slave "
+                    f"{self.name} MASTER first)", "slave")
+            # the slave never committed a batch, but the master records its first (settled by hand):
             # the slave's real position is its registration
             position = (record[2], 0)
         if record is None:
@@ -170,13 +181,19 @@ class Sides:
                                "master")
         (snapshot, batch_id), recorded = position, record[1]
         with self.listener.cursor() as cur:
-            if recorded < batch_id:
+            cur.execute(MASTER_BEHIND, (snapshot,))
+            if cur.fetchone()[0]:
+                raise ReplicaError(
+                    f"the master's transaction ids are behind slave {self.name}'s position: it is not the server "
+                    f"this slave replicated from (restored from a dump, or another cluster?), and its new "
+                    f"transactions would be taken for applied ones. Rebuild the slave with pyreplica clone "
+                    f"(pyreplica drop-slave {self.name} MASTER first)", "master")
+            if recorded != batch_id:
+                # Both ways through rewind_slave, which first checks that the log still holds every
+                # event the slave needs: the record may be a registration newer than the slave
+                # (drop-slave, a prune, register again), not only one left behind by hand.
                 self.log.warning("The master's record of slave %s is at batch %s, the slave at %s: "
                                  "recording the slave's position", self.name, recorded, batch_id)
-                master.confirm(cur, self.name, snapshot, batch_id, 0, identity)
-            elif recorded > batch_id:
-                self.log.warning("The master's record of slave %s is at batch %s but the slave at %s: "
-                                 "replaying from the slave's position", self.name, recorded, batch_id)
                 try:
                     master.rewind(cur, self.name, snapshot, batch_id)
                 except psycopg2.Error as e:
@@ -184,7 +201,8 @@ class Sides:
                         raise
                     raise ReplicaError(f"slave {self.name} is at batch {batch_id} but the master has it at batch "
                                        f"{recorded} and has pruned events it needs (was the slave restored from "
-                                       f"an older backup?): rebuild it with pyreplica clone", "slave") from e
+                                       f"an older backup, or dropped with drop-slave and registered again?): "
+                                       f"rebuild it with pyreplica clone", "slave") from e
         return snapshot, batch_id
 
     def _first_position(self, record, identity):

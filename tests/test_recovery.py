@@ -78,3 +78,63 @@ def test_refuses_only_when_the_events_are_gone(master, slave, slave2):
     rc, out, err = run_cli("run", master.dsn, slave.dsn, "--name", "s1")
     assert rc == 1
     assert "slave s1 is at batch 0 but the master has it at batch 1 and has pruned events it needs" in err, err
+
+
+def prune_through_another_slave(master):
+    """Another slave, caught up, lets the log be pruned (as its daemon's housekeeping would)."""
+    master.execute("SELECT pyreplica.register_slave('other')")
+    master.execute("UPDATE pyreplica.replica_slaves SET confirmed = pg_current_snapshot() WHERE name = 'other'")
+    return master.scalar("SELECT pyreplica.prune()")
+
+
+def test_a_slave_dropped_then_registered_again_after_a_prune_is_refused(master, slave):
+    """drop-slave, a prune, register again: the new record (batch 0) is behind the slave's batch, but
+    the events between the slave's position and the registration are gone. Recording the slave's
+    position there lost them without a word; now the daemon refuses and says to clone."""
+    create_on_both(master, slave, TABLE, ["t"])
+    master.execute("INSERT INTO t SELECT g, 'a' FROM generate_series(1, 20) g")
+    with Daemon(master, slave, name="s1"):
+        wait_identical(master, slave, ["t"])
+    master.execute("INSERT INTO t SELECT g, 'b' FROM generate_series(21, 40) g")
+    assert run_cli("drop-slave", "s1", master.dsn)[0] == 0
+    assert prune_through_another_slave(master) > 0
+    assert run_cli("register", "s1", master.dsn)[0] == 0
+    rc, out, err = run_cli("run", master.dsn, slave.dsn, "--name", "s1")
+    assert rc == 1
+    assert "slave s1 is at batch 1 but the master has it at batch 0 and has pruned events it needs" in err, err
+    assert slave.scalar("SELECT count(*) FROM t") == 20
+
+
+def test_a_recreated_slave_database_is_refused_not_replayed_from_its_registration(master, slave):
+    """The slave database dropped and created again (empty, same name and server: the same identity)
+    while the master still records its batches: taking its registration as its position replayed
+    only the events since, silently missing the rows copied before."""
+    create_on_both(master, slave, TABLE, ["t"])
+    master.execute("SELECT pyreplica.register_slave('lagging')")     # the log is never pruned
+    master.execute("INSERT INTO t SELECT g, 'a' FROM generate_series(1, 20) g")
+    with Daemon(master, slave, name="s1"):
+        wait_identical(master, slave, ["t"])
+    slave.cluster.dropdb(slave.name)
+    slave.cluster.createdb(slave.name)
+    slave.execute(TABLE)
+    master.execute("INSERT INTO t VALUES (100, 'new')")
+    rc, out, err = run_cli("run", master.dsn, slave.dsn, "--name", "s1")
+    assert rc == 1
+    assert ("the master records slave s1 at batch 1, but this slave database has no position for it "
+            "(recreated, or restored without its pyreplica schema?)") in err, err
+    assert slave.scalar("SELECT count(*) FROM t") == 0
+
+
+def test_a_master_whose_transaction_ids_are_behind_the_slaves_position_is_refused(master, slave):
+    """A master restored from a dump on another server starts its transaction ids anew: below the
+    slave's position every new event looks applied, and nothing was ever replicated again."""
+    create_on_both(master, slave, TABLE, ["t"])
+    master.execute("INSERT INTO t VALUES (1, 'a')")
+    with Daemon(master, slave, name="s1"):
+        wait_identical(master, slave, ["t"])
+    # as the slave's position looks to a master whose transaction counter started again lower
+    slave.execute("UPDATE pyreplica.position SET snapshot = '100000000:100000000:'")
+    master.execute("INSERT INTO t VALUES (2, 'b')")
+    rc, out, err = run_cli("run", master.dsn, slave.dsn, "--name", "s1")
+    assert rc == 1
+    assert "the master's transaction ids are behind slave s1's position: it is not the server" in err, err
