@@ -29,7 +29,7 @@ def master_session(dsn):
 def locked_by_in_doubt_batch(name, what, side):
     """The error for a lock_timeout behind one of slave `name`'s batches, prepared and left in doubt."""
     return ReplicaError(f"slave {name}'s {what} is locked by one of its batches prepared (in doubt) on the {side}: "
-                        f"settle it first (pyreplica recover MASTER SLAVE, or start its daemon)", side)
+                        f"settle it first (pyreplica recover MASTER SLAVE --name {name}, or start its daemon)", side)
 
 
 def drop_slave(master_dsn, name):
@@ -60,7 +60,7 @@ def register(master_dsn, name):
 
 def recover(config, name):
     """Settle this slave's in-doubt batches and reconcile both records, without replicating."""
-    sides = Sides(config, name, Pipeline(config.TABLES), log.get())
+    sides = Sides(config, name, Pipeline(config.TABLES), log.get(), may_register=False)
     try:
         sides.open()
         snapshot, batch_id = sides.position

@@ -62,6 +62,16 @@ class Table:
     def qualified(self):
         return f"{self.schema}.{self.name}"
 
+    @staticmethod
+    def as_text(column):
+        """A column's value in its type's output form (NULL stays NULL), never through a cast: the
+        owner of a type may CREATE CAST (type AS text) WITH FUNCTION, which `::text` would run as
+        whoever compares or repairs. concat() calls the output function (and, unlike format, needs
+        no %, which a query with parameters would take for one); num_nulls: a composite of NULLs is
+        not NULL, unlike IS NULL."""
+        return sql.SQL("CASE WHEN pg_catalog.num_nulls({0}) = 0 THEN pg_catalog.concat({0}) END").format(
+            sql.Identifier(column))
+
     def row_text(self, columns):
         return sql.SQL("ROW({})::text").format(sql.SQL(", ").join(map(sql.Identifier, columns)))
 
@@ -83,7 +93,7 @@ class Table:
         (`pyreplica repair`)."""
         # C collation: the same order on both sides, and Python's str order (code points)
         key = self.row_text(self.pk)
-        keys = [sql.SQL("{}::text").format(sql.Identifier(c)) for c in self.pk] if with_keys else []
+        keys = [self.as_text(c) for c in self.pk] if with_keys else []
         return sql.SQL('SELECT {columns} FROM {table} t ORDER BY {key} COLLATE "C"').format(
             columns=sql.SQL(", ").join([key, self.row_hash(self.columns), *keys]), key=key, table=self.ident)
 

@@ -70,8 +70,8 @@ class Table(compare.Table):
     def master_rows_query(self, count):
         # every value as text: the slave reads it back as its column's type (compare.SESSION pins formats)
         return sql.SQL("SELECT {keys}, {values} FROM {table} WHERE {match}").format(
-            keys=sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(c)) for c in self.pk),
-            values=sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(c)) for c in self.written),
+            keys=sql.SQL(", ").join(map(self.as_text, self.pk)),
+            values=sql.SQL(", ").join(map(self.as_text, self.written)),
             table=self.ident, match=self._key_matches(count))
 
     def delete_query(self, count):

@@ -16,6 +16,11 @@ from .db import ReplicaError, close_quietly, connect, fetch_one, fetch_row, refu
 # restored elsewhere starts its transaction ids anew), whose events would all look applied.
 MASTER_BEHIND = ("SELECT pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot()) "
                  "OPERATOR(pg_catalog.<) pg_catalog.pg_snapshot_xmax(%s::pg_catalog.pg_snapshot)")
+# The slaves whose batches are in doubt on this master, by the names in their gids (twophase).
+IN_DOUBT_SLAVES = """
+SELECT DISTINCT pg_catalog.split_part(gid, ':', 2) FROM pg_catalog.pg_prepared_xacts
+ WHERE database = pg_catalog.current_database() AND gid LIKE 'pyreplica:%' ORDER BY 1
+"""
 # One daemon per slave: a second one would apply the same batches again.
 SLAVE_LOCK = "SELECT pg_catalog.pg_try_advisory_lock(pg_catalog.hashtext('pyreplica slave ' || %s::text))"
 SLAVE_IDENTITY = ("SELECT system_identifier::text, pg_catalog.current_database()::text "
@@ -47,8 +52,9 @@ def keepalive_settings(peer_timeout):
 class Sides:
     """The connections of one replication (master -> slave), opened and checked in order."""
 
-    def __init__(self, config, name, pipeline, log):
+    def __init__(self, config, name, pipeline, log, may_register=True):
         self.config, self.name, self.pipeline, self.log = config, name, pipeline, log
+        self.may_register = may_register    # recover: an unregistered name is a mistake, not a new slave
         self.listener = self.reader = self.slave = None
         self.spare = None           # a second reader, for a catch-up step read ahead (opened at first use)
         self.token = None
@@ -209,6 +215,13 @@ class Sides:
         if record is not None:
             self.log.info("Slave %s starts at its registration on the master", self.name)
             return record[0], record[1]
+        if not self.may_register:
+            with self.listener.cursor() as cur:
+                cur.execute(IN_DOUBT_SLAVES)
+                others = [row[0] for row in cur.fetchall()]
+            raise ReplicaError(f"slave {self.name} is not registered on the master: it has nothing to settle"
+                               + (f"; batches in doubt on the master are slave(s) {', '.join(others)}'s: pyreplica "
+                                  f"recover MASTER SLAVE --name {others[0]}" if others else ""), "master")
         start = master.log_start(self.listener)
         if start is None:
             raise ReplicaError(f"slave {self.name} is not registered on the master and the master's log has been "

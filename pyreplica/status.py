@@ -97,7 +97,7 @@ def format_table(report):
         lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
     if report["in_doubt"]:
         lines.append("In-doubt prepared transactions (settled by the daemon at its next start, or by "
-                     "`pyreplica recover MASTER SLAVE`):")
+                     "`pyreplica recover MASTER SLAVE --name SLAVE`):")
         lines += [f"  {x['side']}: {x['gid']} prepared {x['prepared'][:19]} ({_ago(x['age_seconds'])})"
                   for x in report["in_doubt"]]
     else:
@@ -115,7 +115,7 @@ def alerts(report):
     A capture trigger that does not fire: the slaves silently miss that table's writes."""
     in_doubt = [f"{x['side']}: {x['gid']} has been prepared for {_duration(x['age_seconds'])}: it holds back "
                 f"VACUUM of the whole {x['side']} cluster and keeps its locks; start the daemon for slave "
-                f"{x['slave']} or run `pyreplica recover MASTER SLAVE`"
+                f"{x['slave']} or run `pyreplica recover MASTER SLAVE --name {x['slave']}`"
                 for x in report["in_doubt"] if x["age_seconds"] > IN_DOUBT_ALERT]
     capture = [master.capture_off_message(x) for x in report["capture_off"]]
     return in_doubt + capture

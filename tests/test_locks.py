@@ -158,7 +158,7 @@ def test_an_in_doubt_batch_stops_neither_writers_nor_reinstall_nor_drop_slave_fo
     problem = [line for line in err.splitlines() if "ERROR" in line]
     assert len(problem) == 1, err
     assert "pyreplica: a batch is prepared (in doubt) on this master since" in problem[0], err
-    assert "settle it first with `pyreplica recover MASTER SLAVE` or by starting its daemon" in problem[0], err
+    assert "settle it first with `pyreplica recover MASTER SLAVE --name s1` or by starting its daemon" in problem[0], err
     assert during > 10, "writers stopped while master-install.sql ran"
 
     started = time.monotonic()
@@ -167,7 +167,7 @@ def test_an_in_doubt_batch_stops_neither_writers_nor_reinstall_nor_drop_slave_fo
     lines = err.strip().splitlines()
     assert rc == 1 and len(lines) == 1, err
     assert "slave s1's registration is locked by one of its batches prepared (in doubt) on the master: settle " \
-           "it first (pyreplica recover MASTER SLAVE, or start its daemon)" in lines[0], err
+           "it first (pyreplica recover MASTER SLAVE --name s1, or start its daemon)" in lines[0], err
 
 
 def test_status_alerts_on_a_batch_in_doubt_too_long(master, slave):
@@ -181,7 +181,7 @@ def test_status_alerts_on_a_batch_in_doubt_too_long(master, slave):
     alerts = [line for line in out.splitlines() if line.startswith("ALERT: ")]
     assert len(alerts) == 2, out      # the batch is prepared on both sides
     assert all("holds back VACUUM of the whole" in a and "start the daemon for slave s1 or run "
-               "`pyreplica recover MASTER SLAVE`" in a for a in alerts), out
+               "`pyreplica recover MASTER SLAVE --name s1`" in a for a in alerts), out
 
 
 # -- issue 9 item 9 -----------------------------------------------------------------------------------

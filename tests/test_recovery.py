@@ -138,3 +138,17 @@ def test_a_master_whose_transaction_ids_are_behind_the_slaves_position_is_refuse
     rc, out, err = run_cli("run", master.dsn, slave.dsn, "--name", "s1")
     assert rc == 1
     assert "the master's transaction ids are behind slave s1's position: it is not the server" in err, err
+
+
+def test_recover_under_an_unregistered_name_registers_nothing_and_names_the_slave_in_doubt(master, slave):
+    """Without --name the name is the slave database's: recover used to register it as a new slave
+    (its record then held the log for ever) and say "nothing in doubt", settling nothing."""
+    crash_in_doubt(master, slave, "after_master_prepare")
+    rc, out, err = run_cli("recover", master.dsn, slave.dsn)
+    assert rc == 1
+    assert (f"slave {slave.name} is not registered on the master: it has nothing to settle; batches in doubt on "
+            f"the master are slave(s) s1's: pyreplica recover MASTER SLAVE --name s1") in err, err
+    assert master.execute("SELECT name FROM pyreplica.replica_slaves") == [("s1",)]
+    assert (prepared_count(master), prepared_count(slave)) == (1, 1)
+    assert run_cli("recover", master.dsn, slave.dsn, "--name", "s1")[0] == 0
+    assert (prepared_count(master), prepared_count(slave)) == (0, 0)

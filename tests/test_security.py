@@ -186,6 +186,40 @@ def test_an_advisory_lock_any_role_may_take_stops_no_prune(master, slave):
         attacker.drop()
 
 
+def test_compare_and_repair_never_run_a_cast_the_owner_of_a_type_made(master, slave):
+    """The owner of a replicated table's type may CREATE CAST (type AS text) WITH FUNCTION: `::text`
+    in compare's and repair's queries ran it as whoever compares or repairs (a superuser, often).
+    Values go through their type's output now: bool, inet, a composite of NULLs and NULL repair exactly."""
+    attacker = Attacker(master)
+    master.execute(f"CREATE TABLE public.{attacker.name}_ran (who text); "
+                   f"GRANT INSERT ON public.{attacker.name}_ran TO PUBLIC")
+    ddl = ("CREATE TYPE public.mood AS ENUM ('sad', 'ok'); CREATE TYPE public.pair AS (a int, b text); "
+           "CREATE TABLE public.moods (id public.mood PRIMARY KEY, v text, f bool, ip inet, p public.pair)")
+    try:
+        create_on_both(master, slave, ddl, ["moods"])
+        master.execute(sql.SQL("ALTER TYPE public.mood OWNER TO {0}; ALTER TABLE public.moods OWNER TO {0}")
+                       .format(sql.Identifier(attacker.name)))
+        attacker.run(f"""CREATE FUNCTION public.mood_text(m public.mood) RETURNS text LANGUAGE plpgsql AS $$
+                             BEGIN INSERT INTO public.{attacker.name}_ran VALUES (current_user);
+                                   RETURN pg_catalog.format('%s', m); END $$;
+                         CREATE CAST (public.mood AS text) WITH FUNCTION public.mood_text(public.mood)""")
+        master.execute("INSERT INTO moods VALUES ('ok', 'x', true, '10.0.0.1', ROW(NULL, NULL)), "
+                       "('sad', NULL, false, '10.0.0.0/8', NULL)")
+        with Daemon(master, slave, name="s1"):
+            wait_identical(master, slave, ["moods"])
+        slave.execute("UPDATE moods SET v = 'diverged', f = NULL, ip = NULL, p = ROW(1, 'x'); DELETE FROM moods WHERE id = 'sad'")
+        assert run_cli("compare", master.dsn, slave.dsn, "--name", "s1")[0] != 0
+        code, out, err = run_cli("repair", master.dsn, slave.dsn, "public.moods", "--name", "s1")
+        assert code == 0, (out, err)
+        same = "SELECT format('%s', id), v, f, host(ip), masklen(ip), p IS NULL, (p).a, (p).b FROM moods ORDER BY id"
+        assert slave.execute(same) == master.execute(same)
+        assert run_cli("compare", master.dsn, slave.dsn, "--name", "s1")[0] == 0
+        assert master.execute(f"SELECT who FROM public.{attacker.name}_ran") == []
+    finally:
+        master.execute("DROP CAST IF EXISTS (public.mood AS text)")
+        attacker.drop()
+
+
 def test_a_relname_with_a_dot_never_captures_another_table(master):
     master.execute("""CREATE SCHEMA evil; CREATE TABLE public.accounts (id int PRIMARY KEY);
                       CREATE TABLE evil."public.accounts" (id int PRIMARY KEY)""")

@@ -136,7 +136,7 @@ def test_skip_event_again_while_the_batch_skipping_it_is_in_doubt_fails_clearly(
     assert (code, out) == (1, ""), err
     assert err.splitlines()[0] == (
         f"pyreplica: slave s1's request to skip event {event} is locked by one of its batches prepared (in doubt) "
-        f"on the slave: settle it first (pyreplica recover MASTER SLAVE, or start its daemon)")
+        f"on the slave: settle it first (pyreplica recover MASTER SLAVE --name s1, or start its daemon)")
 
     assert run_cli("recover", master.dsn, slave.dsn, "--name", "s1")[0] == 0
     assert run_cli("skip-event", str(event), master.dsn, slave.dsn, "--name", "s1")[0] == 0

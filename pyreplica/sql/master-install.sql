@@ -83,8 +83,8 @@ BEGIN
     SELECT gid, prepared INTO doubt FROM pg_prepared_xacts
      WHERE database = current_database() AND gid LIKE 'pyreplica:%' ORDER BY prepared LIMIT 1;
     IF FOUND THEN
-        RAISE EXCEPTION 'pyreplica: a batch is prepared (in doubt) on this master since % (%): settle it first with `pyreplica recover MASTER SLAVE` or by starting its daemon, then run this script again',
-                        doubt.prepared, doubt.gid;
+        RAISE EXCEPTION 'pyreplica: a batch is prepared (in doubt) on this master since % (%): settle it first with `pyreplica recover MASTER SLAVE --name %` or by starting its daemon, then run this script again',
+                        doubt.prepared, doubt.gid, split_part(doubt.gid, ':', 2);
     END IF;
 END
 $check$;
