@@ -219,3 +219,19 @@ def test_py_log_sql_only_runs_on_the_slave_only_in_its_place(master, slave):
             master.execute("SET ROLE sql_only_app; SELECT py_log_sql_only('SELECT 1')")
     finally:
         master.execute("DROP ROLE sql_only_app")
+
+
+def test_a_schema_renamed_while_a_writer_session_stays_connected_replays(master, slave):
+    """ALTER SCHEMA ... RENAME renames every captured table in it. A pooled writer session kept its
+    cached logging query and went on logging INSERT INTO app.t ..., which no slave could replay."""
+    create_on_both(master, slave, "CREATE SCHEMA app; CREATE TABLE app.t (id int PRIMARY KEY, v text)", ["app.t"])
+    with contextlib.closing(master.connect()) as writer, writer.cursor() as cur:
+        cur.execute("INSERT INTO app.t VALUES (1, 'before')")
+        master.execute("SELECT py_log_sql('ALTER SCHEMA app RENAME TO app2')")
+        cur.execute("INSERT INTO app2.t VALUES (2, 'after')")
+        cur.execute("UPDATE app2.t SET v = 'after too' WHERE id = 1")
+    assert [r for (r,) in master.execute("SELECT relname FROM pyreplica.replica_log WHERE op <> 'S' ORDER BY id")] \
+        == ["app.t", "app2.t", "app2.t"]
+    with Daemon(master, slave, name="renamed"):
+        wait_until(lambda: slave.scalar("SELECT to_regclass('app2.t') IS NOT NULL"), message="the rename replayed")
+        wait_identical(master, slave, ["app2.t"])

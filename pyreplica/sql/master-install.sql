@@ -1003,6 +1003,22 @@ COMMENT ON FUNCTION pyreplica.py_log_capture_new(regclass) IS 'pyreplica: captur
 -- py_log_sql runs it, or it is pyreplica's own ALTER TABLE ... ENABLE TRIGGER: they set
 -- pyreplica.skip_ddl_capture). Never fires while a daemon replays (session_replication_role =
 -- replica: the event triggers are ENABLE ORIGIN).
+-- Re-capture a table whose capture triggers do not carry its current signature (all four).
+CREATE OR REPLACE FUNCTION pyreplica.py_log_renew_triggers(member regclass)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_trigger
+                    WHERE tgrelid = member AND pyreplica.py_log_is_capture_fn(tgfoid)
+                      AND encode(tgargs, 'escape') = pyreplica.py_log_signature(member) || '\000'
+                   HAVING count(*) = 4) THEN
+        PERFORM pyreplica.py_log_add_triggers(member);
+    END IF;
+END
+$fn$;
+
 CREATE OR REPLACE FUNCTION pyreplica.py_log_replica_ddl()
 RETURNS event_trigger
 LANGUAGE plpgsql
@@ -1050,13 +1066,18 @@ BEGIN
         CONTINUE WHEN NOT pyreplica.py_log_is_captured(root);
         touched := true;
         FOR member IN SELECT pyreplica.py_log_members(root) LOOP
-            IF NOT EXISTS (SELECT FROM pg_trigger
-                            WHERE tgrelid = member AND pyreplica.py_log_is_capture_fn(tgfoid)
-                              AND encode(tgargs, 'escape') = pyreplica.py_log_signature(member) || '\000'
-                           HAVING count(*) = 4) THEN
-                PERFORM pyreplica.py_log_add_triggers(member);
-            END IF;
+            PERFORM pyreplica.py_log_renew_triggers(member);
         END LOOP;
+    END LOOP;
+    -- ALTER SCHEMA ... RENAME renames every captured table in it: writers' sessions must stop using
+    -- the old name (their cached query is keyed by the signature, which holds the name)
+    FOR member IN SELECT DISTINCT t.tgrelid::regclass
+                    FROM pg_event_trigger_ddl_commands() d
+                    JOIN pg_class c ON c.relnamespace = d.objid
+                    JOIN pg_trigger t ON t.tgrelid = c.oid AND pyreplica.py_log_is_capture_fn(t.tgfoid)
+                   WHERE d.classid = 'pg_namespace'::regclass LOOP
+        touched := true;
+        PERFORM pyreplica.py_log_renew_triggers(member);
     END LOOP;
     IF touched AND coalesce(current_setting('pyreplica.skip_ddl_capture', true), '') <> 'on'
        AND pyreplica.py_log_setting_on('ddl') THEN
@@ -1908,7 +1929,7 @@ DECLARE
 BEGIN
     FOR e IN SELECT * FROM (VALUES
             ('py_log_replica_ddl', 'ddl_command_end', 'pyreplica.py_log_replica_ddl()',
-             ARRAY['ALTER INDEX', 'ALTER TABLE', 'CREATE INDEX', 'CREATE TABLE']),
+             ARRAY['ALTER INDEX', 'ALTER SCHEMA', 'ALTER TABLE', 'CREATE INDEX', 'CREATE TABLE']),
             ('py_log_replica_ddl_start', 'ddl_command_start', 'pyreplica.py_log_replica_ddl_start()',
              ARRAY['DROP INDEX', 'DROP TABLE']),
             ('py_log_replica_ddl_drop', 'sql_drop', 'pyreplica.py_log_replica_ddl_drop()',
