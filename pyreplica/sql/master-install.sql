@@ -1018,6 +1018,7 @@ BEGIN
     END IF;
 END
 $fn$;
+COMMENT ON FUNCTION pyreplica.py_log_renew_triggers(regclass) IS 'pyreplica: re-capture a table whose signature changed';
 
 CREATE OR REPLACE FUNCTION pyreplica.py_log_replica_ddl()
 RETURNS event_trigger
