@@ -43,6 +43,7 @@ LOCK_TRY = "1s"
 RETRY_EVERY = 0.2
 
 # Session-level, on the slave, for the whole command: one add-table/remove-table per slave name.
+CAPTURE_LOCK_TIMEOUT = "5s"
 ONE_AT_A_TIME = "SELECT pg_catalog.pg_try_advisory_lock(1887007334, pg_catalog.hashtext(%s::text))"
 RESOLVE = "SELECT rel::oid, problem FROM pyreplica.py_log_resolve(%s::text)"
 DESCRIBE = """
@@ -201,11 +202,26 @@ def release(slave, name, tables, wait):
 
 
 def capture(master_admin, slave, name, tables, wait):
-    """py_log_create_tg for the tables not captured yet; a refusal releases the hold."""
+    """py_log_create_tg for the tables not captured yet; a refusal releases the hold. Its table lock
+    is waited for CAPTURE_LOCK_TIMEOUT at most: behind an open transaction that wrote the table it
+    would wait for ever, and every writer of the table would queue behind it."""
     for table in tables:
         if table.captured:
             continue
-        answer = fetch_one(master_admin, CAPTURE, (table.qualified,))
+        try:
+            with master_admin.cursor() as cur:
+                cur.execute(f"SET lock_timeout = '{CAPTURE_LOCK_TIMEOUT}'")
+                try:
+                    cur.execute(CAPTURE, (table.qualified,))
+                    answer = cur.fetchone()[0]
+                finally:
+                    cur.execute("RESET lock_timeout")
+        except psycopg2.errors.LockNotAvailable:
+            release(slave, name, tables, wait)
+            raise ReplicaError(f"cannot capture {table.qualified} on the master: a transaction has held a lock on "
+                               f"it for {CAPTURE_LOCK_TIMEOUT} (an open one that wrote to it?), and writers would "
+                               f"queue behind add-table: end it (pg_stat_activity), then run add-table again",
+                               "master") from None
         if not answer.startswith("created trigger"):
             release(slave, name, tables, wait)
             raise ReplicaError(f"cannot capture it on the master: {answer}", "master")

@@ -160,6 +160,24 @@ def test_add_table_refusals_change_nothing(master, slave):
     assert code == 2 and "give both connection strings" in err, (code, out, err)
 
 
+def test_add_table_behind_an_open_transaction_gives_up_and_lets_writers_on(master, slave):
+    """Capturing takes a lock on the table: behind an open transaction that wrote to it, add-table
+    waited for ever, past --wait, and every application write to the table queued behind it."""
+    start(master, slave)
+    with Daemon(master, slave, name="s1"):
+        replicating(master, slave)
+        with contextlib.closing(master.connect(autocommit=False)) as long:
+            long.cursor().execute("UPDATE n SET v = 'long' WHERE id = 5")
+            out = add_table(master, slave, "n", expect=1)
+            assert ("cannot capture public.n on the master: a transaction has held a lock on it for 5s (an open "
+                    "one that wrote to it?), and writers would queue behind add-table") in out, out
+            master.execute("SET statement_timeout = '3s'; INSERT INTO n (v) VALUES ('app')")
+            long.rollback()
+        assert slave.scalar("SELECT count(*) FROM pyreplica.table_states") == 0
+        add_table(master, slave, "n")
+        wait_identical(master, slave, ["t", "n"])
+
+
 def test_a_least_privilege_daemon_keeps_replicating_after_an_administrator_added_a_table(master, slave):
     """add-table runs as an administrator; it may be the first to install the slave's new table_states,
     which the daemon's role must still be able to lock (it owns the slave's schema)."""
