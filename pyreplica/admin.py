@@ -81,9 +81,10 @@ def skip_event(config, name, event_id):
                 txid, described = cur.fetchone()
         except psycopg2.Error as e:
             raise refusal(e, "master") from e
-    with contextlib.closing(connect(config.DSN1, "slave", settings={"lock_timeout": LOCK_TIMEOUT})) as conn:
+    with contextlib.closing(connect(config.DSN1, "slave", settings={"search_path": master.SEARCH_PATH,
+                                                                    "lock_timeout": LOCK_TIMEOUT})) as conn:
         conn.autocommit = True
-        apply.install(conn)
+        apply.install(conn, check_owners=False)
         try:
             with conn.cursor() as cur:
                 cur.execute(SKIP_ON_SLAVE, (name, event_id, txid, described))

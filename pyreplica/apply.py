@@ -210,12 +210,15 @@ class ApplyError(ReplicaError):
         self.code, self.detail, self.hint = code, detail, hint
 
 
-def install(slave_conn):
+def install(slave_conn, check_owners=True):
     """Create or upgrade the slave's `pyreplica` schema when it is missing or outdated (autocommit
     connection). When it is current nothing is executed, so a role without CREATE works once an
-    administrator (or an earlier run) has installed it. True when there was no schema before."""
+    administrator (or an earlier run) has installed it. True when there was no schema before.
+    check_owners: refuse a schema with objects of a role neither a superuser nor this one (the
+    daemon). An administrator's command leaves it off: in README's least-privilege setup the
+    daemon's role owns the schema, and the administrator trusts it."""
     with slave_conn.cursor() as cur:
-        cur.execute(UNTRUSTED_SLAVE_OBJECTS)
+        cur.execute(UNTRUSTED_SLAVE_OBJECTS if check_owners else "SELECT WHERE false")
         untrusted = [row[0] for row in cur.fetchall()]
         if untrusted:
             raise ReplicaError(

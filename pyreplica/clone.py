@@ -161,7 +161,8 @@ def check_slave_empty(slave_dsn, tables):
 
 
 def unregister(master_dsn, name):
-    with contextlib.suppress(Exception), contextlib.closing(connect(master_dsn, "master")) as conn:
+    with contextlib.suppress(Exception), contextlib.closing(
+            connect(master_dsn, "master", settings={"search_path": master.SEARCH_PATH})) as conn:
         conn.autocommit = True
         master.drop_slave(conn, name)
 

@@ -306,7 +306,7 @@ def reverse(old, new, new_name):
         capture_and_register(old, new, new_name)
         faults.point("switchover_after_register")
         print(f"the slave captures the master's tables and has the old master registered as slave {new_name}")
-    apply.install(old)
+    apply.install(old, check_owners=False)
     snapshot, batch_id = registration(new, new_name)[:2]
     if batch_id == 0:       # its daemon never confirmed a batch: the position is still ours to write
         with old.cursor() as cur:

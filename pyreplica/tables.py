@@ -513,7 +513,7 @@ def check_tables_taken(slave, name, held):
 def open_slave(dsn, name, command):
     conn = connect(dsn, "slave", f"pyreplica {command}", settings={"search_path": master.SEARCH_PATH})
     conn.autocommit = True
-    apply.install(conn)
+    apply.install(conn, check_owners=False)
     if not fetch_one(conn, ONE_AT_A_TIME, (name,)):
         conn.close()
         raise ReplicaError(f"another add-table or remove-table is running for slave {name}: wait for it to end",
