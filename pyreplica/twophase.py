@@ -21,11 +21,13 @@ import psycopg2.extensions
 from . import faults, log, master
 from .db import ReplicaError, fetch_one
 
-# Only the daemon's own role's: another role that prepared a look-alike gid must never have its
-# transaction settled (or taken for a fact about this slave's batches) by recovery.
+# Only the daemon's own role's are settled: another role that prepared a look-alike gid must never
+# have its transaction settled (or taken for a fact about this slave's batches) by recovery. Those
+# are named in the log: the daemon may have run as another role before (then it waits for that
+# transaction's locks, and only that role or a superuser can settle it).
 OUR_PREPARED = """
-SELECT gid FROM pg_catalog.pg_prepared_xacts
- WHERE database = pg_catalog.current_database() AND gid LIKE %s AND owner = CURRENT_USER
+SELECT gid, owner::text, owner = CURRENT_USER FROM pg_catalog.pg_prepared_xacts
+ WHERE database = pg_catalog.current_database() AND gid LIKE %s
 """
 SETTINGS_CHECK = "SELECT pg_catalog.current_setting('max_prepared_transactions')::int"
 FINISH = {"COMMIT": "COMMIT PREPARED %s", "ROLLBACK": "ROLLBACK PREPARED %s"}
@@ -155,10 +157,16 @@ def prepared(conn, slave, token):
     with conn.cursor() as cur:
         cur.execute(OUR_PREPARED, (pattern,))
         found = {}
-        for (gid,) in cur.fetchall():
+        for gid, owner, ours in cur.fetchall():
             parsed = parse_gid(gid)
-            if parsed and parsed.slave == slave and parsed.identity == token:
+            if not parsed or parsed.slave != slave or parsed.identity != token:
+                continue
+            if ours:
                 found[parsed.batch_id] = gid
+            else:
+                log.get().warning("%s is prepared by role %s, not this daemon's: left alone. If it is a batch of "
+                                  "this slave's that the daemon prepared as %s, settle it as %s or a superuser "
+                                  "(pyreplica recover MASTER SLAVE --name %s)", gid, owner, owner, owner, slave)
         return found
 
 

@@ -152,3 +152,21 @@ def test_recover_under_an_unregistered_name_registers_nothing_and_names_the_slav
     assert (prepared_count(master), prepared_count(slave)) == (1, 1)
     assert run_cli("recover", master.dsn, slave.dsn, "--name", "s1")[0] == 0
     assert (prepared_count(master), prepared_count(slave)) == (0, 0)
+
+
+def test_a_batch_prepared_by_another_role_is_named_not_passed_over_in_silence(master, slave):
+    """The daemon moved to a least-privilege role after a crash: the batch its superuser run left
+    prepared on the master is not this role's to settle, and recover said "nothing in doubt"."""
+    from psycopg2 import sql
+    crash_in_doubt(master, slave, "after_master_prepare")
+    role = "recover_plain"
+    master.execute(sql.SQL("CREATE ROLE {0} LOGIN; GRANT pyreplica_daemon TO {0}").format(sql.Identifier(role)))
+    try:
+        rc, out, err = run_cli("recover", master.cluster.dsn(master.name, user=role), slave.dsn, "--name", "s1")
+        gid = master.scalar("SELECT gid FROM pg_prepared_xacts WHERE database = current_database()")
+        assert f"{gid} is prepared by role postgres, not this daemon's: left alone" in err, err
+        assert "settle it as postgres or a superuser (pyreplica recover MASTER SLAVE --name s1)" in err, err
+    finally:
+        for (gid,) in master.execute("SELECT gid FROM pg_prepared_xacts WHERE database = current_database()"):
+            master.execute("ROLLBACK PREPARED %s", (gid,))
+        master.execute(sql.SQL("DROP OWNED BY {0}; DROP ROLE {0}").format(sql.Identifier(role)))
