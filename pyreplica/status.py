@@ -4,7 +4,8 @@ Everything is read from the master's registry (pyreplica.replica_slaves) and log
 by the events pyreplica.unapplied() finds for the snapshot it confirmed (docs/design.md §4).
 In-doubt prepared transactions are pyreplica's own (twophase's gids), looked for on the master and,
 when its DSN is given, on the slave; one older than a minute is an alert (exit code 3). So is a
-capture trigger disabled on the master (its table's writes reach no slave).
+capture trigger disabled on the master (its table's writes reach no slave), and, with the slave's
+DSN, a slave whose own position is behind the master's record of it (settled by hand).
 """
 import contextlib
 import json
@@ -25,6 +26,14 @@ SELECT gid, prepared, extract(epoch FROM now() - prepared)::float8
  WHERE database = pg_catalog.current_database() AND gid LIKE 'pyreplica:%'
  ORDER BY prepared
 """
+
+
+# The slave server's identity, as the master's registry records it, and whether it has positions.
+SLAVE_IDENTITY = """
+SELECT (SELECT system_identifier::text FROM pg_catalog.pg_control_system()), pg_catalog.current_database()::text,
+       pg_catalog.to_regclass('pyreplica.position') IS NOT NULL
+"""
+SLAVE_POSITIONS = "SELECT slave, batch_id FROM pyreplica.position"
 
 
 def slaves(master_conn):
@@ -71,7 +80,25 @@ def collect(config, only=None):
                                         settings={"search_path": master.SEARCH_PATH})) as slave:
             slave.autocommit = True
             report["in_doubt"] += in_doubt(slave, "slave")
+            report["behind_the_record"] = behind_the_record(slave, report["slaves"])
     return report
+
+
+def behind_the_record(slave_conn, registered):
+    """The slaves of this server whose own position is behind the master's record of them: a batch
+    committed on the master and rolled back on the slave by hand. The daemon moves the record back
+    at its next start, unless a prune removed events the slave needs meanwhile."""
+    with slave_conn.cursor() as cur:
+        cur.execute(SLAVE_IDENTITY)
+        system_id, database, has_positions = cur.fetchone()
+        if not has_positions:
+            return []
+        cur.execute(SLAVE_POSITIONS)
+        own = dict(cur.fetchall())
+    return [{"slave": s["name"], "slave_batch": own.get(s["name"], 0), "master_batch": s["batch_id"]}
+            for s in registered
+            if (s["system_identifier"], s["database"]) == (system_id, database)
+            and own.get(s["name"], 0) < s["batch_id"]]
 
 
 def _duration(seconds):
@@ -118,7 +145,12 @@ def alerts(report):
                 f"{x['slave']} or run `pyreplica recover MASTER SLAVE --name {x['slave']}`"
                 for x in report["in_doubt"] if x["age_seconds"] > IN_DOUBT_ALERT]
     capture = [master.capture_off_message(x) for x in report["capture_off"]]
-    return in_doubt + capture
+    in_doubt_slaves = {x["slave"] for x in report["in_doubt"]}
+    behind = [f"slave {x['slave']} has committed batch {x['slave_batch']} but the master records batch "
+              f"{x['master_batch']} for it (settled by hand?): start its daemon now, which moves the record "
+              f"back, before a prune removes events the slave still needs"
+              for x in report.get("behind_the_record", []) if x["slave"] not in in_doubt_slaves]
+    return in_doubt + capture + behind
 
 
 def status(config, as_json=False, only=None):

@@ -170,3 +170,18 @@ def test_a_batch_prepared_by_another_role_is_named_not_passed_over_in_silence(ma
         for (gid,) in master.execute("SELECT gid FROM pg_prepared_xacts WHERE database = current_database()"):
             master.execute("ROLLBACK PREPARED %s", (gid,))
         master.execute(sql.SQL("DROP OWNED BY {0}; DROP ROLE {0}").format(sql.Identifier(role)))
+
+
+def test_status_alerts_when_the_slave_is_behind_the_masters_record(master, slave):
+    """The master's side of a batch committed by hand and the slave's rolled back: the registry
+    says batch 1, zero events behind; only the slave's own position tells the truth."""
+    crash_in_doubt(master, slave, "after_master_prepare")
+    settle_by_hand(master, "COMMIT")
+    settle_by_hand(slave, "ROLLBACK")
+    rc, out, err = run_cli("status", master.dsn, slave.dsn, "--name", "s1")
+    assert rc == 3, out + err
+    assert ("ALERT: slave s1 has committed batch 0 but the master records batch 1 for it (settled by hand?): "
+            "start its daemon now") in out, out
+    with Daemon(master, slave, name="s1"):
+        wait_identical(master, slave, ["t"])
+    assert run_cli("status", master.dsn, slave.dsn, "--name", "s1")[0] == 0
