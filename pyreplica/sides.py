@@ -16,6 +16,11 @@ from .db import ReplicaError, close_quietly, connect, fetch_one, fetch_row, refu
 # restored elsewhere starts its transaction ids anew), whose events would all look applied.
 MASTER_BEHIND = ("SELECT pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot()) "
                  "OPERATOR(pg_catalog.<) pg_catalog.pg_snapshot_xmax(%s::pg_catalog.pg_snapshot)")
+# Of the names a slave database holds positions for, those the master registers for that database.
+REGISTERED_AS = """
+SELECT name FROM pyreplica.replica_slaves
+ WHERE name = ANY (%s::text[]) AND slave_system_id = %s AND slave_database = %s ORDER BY name
+"""
 # The slaves whose batches are in doubt on this master, by the names in their gids (twophase).
 IN_DOUBT_SLAVES = """
 SELECT DISTINCT pg_catalog.split_part(gid, ':', 2) FROM pg_catalog.pg_prepared_xacts
@@ -215,6 +220,11 @@ class Sides:
         if record is not None:
             self.log.info("Slave %s starts at its registration on the master", self.name)
             return record[0], record[1]
+        known = self._known_as(identity)
+        if known:
+            raise ReplicaError(f"slave {self.name} is not registered on the master, but this slave database already "
+                               f"replicates from it as {', '.join(known)}: give that name (--name {known[0]}, or "
+                               f"the config's SLAVE_FIELD/NAME)", "slave")
         if not self.may_register:
             with self.listener.cursor() as cur:
                 cur.execute(IN_DOUBT_SLAVES)
@@ -231,6 +241,15 @@ class Sides:
         snapshot = master.register(self.listener, self.name, start, identity)
         self.log.info("New slave %s registered on the master, starting at the oldest logged event", self.name)
         return snapshot, 0
+
+    def _known_as(self, identity):
+        """The names this slave database holds positions for that the master registers for it."""
+        with self.slave.cursor() as cur:
+            cur.execute("SELECT array_agg(slave ORDER BY slave) FROM pyreplica.position")
+            names = cur.fetchone()[0] or []
+        with self.listener.cursor() as cur:
+            cur.execute(REGISTERED_AS, (names, *identity))
+            return [row[0] for row in cur.fetchall()]
 
     def close(self):
         for conn in (self.reader, self.spare, self.slave, self.listener):

@@ -185,3 +185,17 @@ def test_status_alerts_when_the_slave_is_behind_the_masters_record(master, slave
     with Daemon(master, slave, name="s1"):
         wait_identical(master, slave, ["t"])
     assert run_cli("status", master.dsn, slave.dsn, "--name", "s1")[0] == 0
+
+
+def test_a_slave_started_under_another_name_is_told_its_name(master, slave):
+    """Started without --name (the name is then the slave database's), a slave that replicates as s1
+    was told to register the new name or clone, which would lose events or copy for nothing."""
+    create_on_both(master, slave, TABLE, ["t"])
+    master.execute("INSERT INTO t VALUES (1, 'a')")
+    with Daemon(master, slave, name="s1"):
+        wait_identical(master, slave, ["t"])
+    rc, out, err = run_cli("run", master.dsn, slave.dsn)
+    assert rc == 1
+    assert (f"slave {slave.name} is not registered on the master, but this slave database already replicates "
+            f"from it as s1: give that name (--name s1, or the config's SLAVE_FIELD/NAME)") in err, err
+    assert master.execute("SELECT name FROM pyreplica.replica_slaves") == [("s1",)]
