@@ -623,14 +623,14 @@ def group(statements, tables):
     columns, key or triggers), every event runs as it came.
     """
     planned, groups, keys, shapes = [], {}, set(), Shapes(tables)
+    last = None             # the previous event's Row in the segment
+    admin = next((i for i, s in enumerate(statements) if s.op == "S"), len(statements))
+    statements, after_admin = statements[:admin], statements[admin:]
 
     def row_owner(relname):
         """What a row belongs to: its partition tree (a partition and its parent log other names)."""
         table = tables(relname)
         return relname if table is None or table.root is None else table.root
-    last = None             # the previous event's Row in the segment
-    admin = next((i for i, s in enumerate(statements) if s.op == "S"), len(statements))
-    statements, after_admin = statements[:admin], statements[admin:]
 
     def flush():
         planned.extend(g.statement(tables) for g in groups.values())
