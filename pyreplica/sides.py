@@ -118,6 +118,7 @@ class Sides:
         self.cascading = bool(fetch_one(self.slave, master.INSTALLED))
         with self.slave.cursor() as cur:
             apply.start_session(cur)
+        apply.prepare_batch_state(self.slave)
         self.log.info("Encoding for this connections are %s %s", self.listener.encoding, self.slave.encoding)
         identity = self.identity = tuple(fetch_row(self.slave, SLAVE_IDENTITY))
         self.token = twophase.identity_token(identity)
