@@ -993,16 +993,6 @@ END
 $fn$;
 COMMENT ON FUNCTION pyreplica.py_log_capture_new(regclass) IS 'pyreplica: capture a table just created (capture_new_tables)';
 
--- After ALTER TABLE, CREATE TABLE, CREATE INDEX, ALTER INDEX: for every replicated table touched
--- (a partition counts as its partitioned table, an index as its table), renew the column signature
--- of its triggers and its partitions' triggers where it changed, so that every backend prepares a
--- new capture query (a cached one would miss an added column), and put triggers on a partition
--- just created or attached. A new inheritance child of a replicated table is refused (its rows
--- would never be captured), and so is a new parent of one. With capture_new_tables on, a new table
--- is captured; with ddl on, the statement is logged when it touched a captured table (unless
--- py_log_sql runs it, or it is pyreplica's own ALTER TABLE ... ENABLE TRIGGER: they set
--- pyreplica.skip_ddl_capture). Never fires while a daemon replays (session_replication_role =
--- replica: the event triggers are ENABLE ORIGIN).
 -- Re-capture a table whose capture triggers do not carry its current signature (all four).
 CREATE OR REPLACE FUNCTION pyreplica.py_log_renew_triggers(member regclass)
 RETURNS void
@@ -1020,6 +1010,16 @@ END
 $fn$;
 COMMENT ON FUNCTION pyreplica.py_log_renew_triggers(regclass) IS 'pyreplica: re-capture a table whose signature changed';
 
+-- After ALTER TABLE, CREATE TABLE, CREATE INDEX, ALTER INDEX, ALTER SCHEMA: for every replicated
+-- table touched (a partition counts as its partitioned table, an index as its table, a schema as
+-- the tables in it), renew the column signature of its triggers and its partitions' triggers where
+-- it changed, so that every backend prepares a new capture query (a cached one would miss an added
+-- column), and put triggers on a partition just created or attached. A new inheritance child of a replicated table is refused (its rows
+-- would never be captured), and so is a new parent of one. With capture_new_tables on, a new table
+-- is captured; with ddl on, the statement is logged when it touched a captured table (unless
+-- py_log_sql runs it, or it is pyreplica's own ALTER TABLE ... ENABLE TRIGGER: they set
+-- pyreplica.skip_ddl_capture). Never fires while a daemon replays (session_replication_role =
+-- replica: the event triggers are ENABLE ORIGIN).
 CREATE OR REPLACE FUNCTION pyreplica.py_log_replica_ddl()
 RETURNS event_trigger
 LANGUAGE plpgsql

@@ -82,7 +82,7 @@ CREATE FUNCTION pyreplica.apply_events(ids bigint[], ops text[], rels text[], st
 LANGUAGE plpgsql
 -- Its own expressions see pg_catalog only (no function or operator planted in public can stand in
 -- for a built-in one here); the replayed statements run with public on the path, as on the master's
--- default one (extension types' operators live there), see REPLAY_PATH and docs/design.md §6.
+-- default one (extension types' operators live there), see REPLAY_PATH and docs/design.md §3.
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
