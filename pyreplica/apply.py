@@ -39,9 +39,10 @@ REPLAY_PATH = "pg_catalog, public"
 # slave-install.sql stamps this on pyreplica.apply_events; bump both together when the script changes.
 SLAVE_SCHEMA_VERSION = "pyreplica slave schema 5"
 APPLY_EVENTS_SIGNATURE = "pyreplica.apply_events(bigint[], text[], text[], text[], integer[])"
+# (whether there is a schema at all, whether it is current)
 SLAVE_SCHEMA_CURRENT = """
-SELECT to_regclass('pyreplica.position') IS NOT NULL
-   AND obj_description(to_regprocedure(%s), 'pg_proc') IS NOT DISTINCT FROM %s
+SELECT to_regclass('pyreplica.position') IS NOT NULL,
+       obj_description(to_regprocedure(%s), 'pg_proc') IS NOT DISTINCT FROM %s
 """
 
 READ_POSITION = "SELECT snapshot::text, batch_id FROM pyreplica.position WHERE slave = %s"
@@ -224,22 +225,27 @@ def install(slave_conn, check_owners=True):
     daemon). An administrator's command leaves it off: in README's least-privilege setup the
     daemon's role owns the schema, and the administrator trusts it."""
     with slave_conn.cursor() as cur:
-        cur.execute(UNTRUSTED_SLAVE_OBJECTS if check_owners else "SELECT WHERE false")
-        untrusted = [row[0] for row in cur.fetchall()]
-        if untrusted:
-            raise ReplicaError(
-                f"the slave's schema pyreplica holds {'; '.join(untrusted)}: its owner could run code "
-                "as the daemon's role. Only a superuser or the daemon's role may own what is in it: "
-                "drop what someone else made (DROP SCHEMA pyreplica CASCADE, if it holds no position "
-                "you need), or change its owner", "slave")
+        if check_owners:
+            refuse_untrusted_objects(cur)
         cur.execute(SLAVE_SCHEMA_CURRENT, (APPLY_EVENTS_SIGNATURE, SLAVE_SCHEMA_VERSION))
-        if cur.fetchone()[0]:
+        exists, current = cur.fetchone()
+        if exists and current:
             return False
-        cur.execute("SELECT to_regclass('pyreplica.position') IS NULL")
-        new = cur.fetchone()[0]
         with open(os.path.join(SQL_DIR, "slave-install.sql")) as f:
             cur.execute(f.read())
-        return new
+        return not exists
+
+
+def refuse_untrusted_objects(slave_cur):
+    """Refuse a slave schema pyreplica holding objects of a role neither a superuser nor this one."""
+    slave_cur.execute(UNTRUSTED_SLAVE_OBJECTS)
+    untrusted = [row[0] for row in slave_cur.fetchall()]
+    if untrusted:
+        raise ReplicaError(
+            f"the slave's schema pyreplica holds {'; '.join(untrusted)}: its owner could run code "
+            "as the daemon's role. Only a superuser or the daemon's role may own what is in it: "
+            "drop what someone else made (DROP SCHEMA pyreplica CASCADE, if it holds no position "
+            "you need), or change its owner", "slave")
 
 
 def read_position(slave_conn, slave):

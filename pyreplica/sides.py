@@ -21,11 +21,6 @@ REGISTERED_AS = """
 SELECT name FROM pyreplica.replica_slaves
  WHERE name = ANY (%s::text[]) AND slave_system_id = %s AND slave_database = %s ORDER BY name
 """
-# The slaves whose batches are in doubt on this master, by the names in their gids (twophase).
-IN_DOUBT_SLAVES = """
-SELECT DISTINCT pg_catalog.split_part(gid, ':', 2) FROM pg_catalog.pg_prepared_xacts
- WHERE database = pg_catalog.current_database() AND gid LIKE 'pyreplica:%' ORDER BY 1
-"""
 # One daemon per slave: a second one would apply the same batches again.
 SLAVE_LOCK = "SELECT pg_catalog.pg_try_advisory_lock(pg_catalog.hashtext('pyreplica slave ' || %s::text))"
 SLAVE_IDENTITY = ("SELECT system_identifier::text, pg_catalog.current_database()::text "
@@ -227,9 +222,7 @@ class Sides:
                                f"replicates from it as {', '.join(known)}: give that name (--name {known[0]}, or "
                                f"the config's SLAVE_FIELD/NAME)", "slave")
         if not self.may_register:
-            with self.listener.cursor() as cur:
-                cur.execute(IN_DOUBT_SLAVES)
-                others = [row[0] for row in cur.fetchall()]
+            others = sorted({x["slave"] for x in twophase.in_doubt(self.listener, "master") if x["slave"]})
             raise ReplicaError(f"slave {self.name} is not registered on the master: it has nothing to settle"
                                + (f"; batches in doubt on the master are slave(s) {', '.join(others)}'s: pyreplica "
                                   f"recover MASTER SLAVE --name {others[0]}" if others else ""), "master")

@@ -12,27 +12,17 @@ import json
 import os
 
 from . import master
-from .db import ReplicaError, connect
-from .twophase import parse_gid
+from .db import ReplicaError, connect, fetch_one
+from .sides import SLAVE_IDENTITY
+from .twophase import in_doubt
 
 EXIT_ALERT = 3              # monitoring: a prepared transaction has been in doubt too long
 # seconds; only the test suite sets PYREPLICA_TEST_IN_DOUBT_ALERT (as PYREPLICA_TEST_FAULT), so that
 # it need not wait a minute: the `prepared` time of a transaction cannot be faked
 IN_DOUBT_ALERT = float(os.environ.get("PYREPLICA_TEST_IN_DOUBT_ALERT") or 60.0)
 
-IN_DOUBT = """
-SELECT gid, prepared, extract(epoch FROM now() - prepared)::float8
-  FROM pg_catalog.pg_prepared_xacts
- WHERE database = pg_catalog.current_database() AND gid LIKE 'pyreplica:%'
- ORDER BY prepared
-"""
-
-
-# The slave server's identity, as the master's registry records it, and whether it has positions.
-SLAVE_IDENTITY = """
-SELECT (SELECT system_identifier::text FROM pg_catalog.pg_control_system()), pg_catalog.current_database()::text,
-       pg_catalog.to_regclass('pyreplica.position') IS NOT NULL
-"""
+# The slave's own positions, by name (the table exists from its daemon's first start on).
+HAS_POSITIONS = "SELECT pg_catalog.to_regclass('pyreplica.position') IS NOT NULL"
 SLAVE_POSITIONS = "SELECT slave, batch_id FROM pyreplica.position"
 
 
@@ -47,19 +37,6 @@ def slaves(master_conn):
                  "system_identifier": system_id, "database": database}
                 for name, batch_id, applied, confirmed, confirmed_at, last_contact, events, seconds, contact_age,
                 system_id, database in cur.fetchall()]
-
-
-def in_doubt(conn, side):
-    """pyreplica's prepared transactions in this database (normal for an instant mid-batch)."""
-    with conn.cursor() as cur:
-        cur.execute(IN_DOUBT)
-        found = []
-        for gid, prepared, age in cur.fetchall():
-            parsed = parse_gid(gid)
-            slave, batch_id = (parsed.slave, parsed.batch_id) if parsed else (None, None)
-            found.append({"side": side, "gid": gid, "slave": slave, "batch_id": batch_id,
-                          "prepared": prepared.isoformat(), "age_seconds": round(age, 1)})
-        return found
 
 
 def collect(config, only=None):
@@ -89,10 +66,10 @@ def behind_the_record(slave_conn, registered):
     committed on the master and rolled back on the slave by hand. The daemon moves the record back
     at its next start, unless a prune removed events the slave needs meanwhile."""
     with slave_conn.cursor() as cur:
-        cur.execute(SLAVE_IDENTITY)
-        system_id, database, has_positions = cur.fetchone()
-        if not has_positions:
+        if not fetch_one(slave_conn, HAS_POSITIONS):
             return []
+        cur.execute(SLAVE_IDENTITY)
+        system_id, database = cur.fetchone()
         cur.execute(SLAVE_POSITIONS)
         own = dict(cur.fetchall())
     return [{"slave": s["name"], "slave_batch": own.get(s["name"], 0), "master_batch": s["batch_id"]}

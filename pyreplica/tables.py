@@ -210,7 +210,7 @@ def capture(master_admin, slave, name, tables, wait):
             continue
         try:
             with master_admin.cursor() as cur:
-                cur.execute(f"SET lock_timeout = '{CAPTURE_LOCK_TIMEOUT}'")
+                cur.execute("SELECT pg_catalog.set_config('lock_timeout', %s, false)", (CAPTURE_LOCK_TIMEOUT,))
                 try:
                     cur.execute(CAPTURE, (table.qualified,))
                     answer = cur.fetchone()[0]

@@ -29,6 +29,13 @@ OUR_PREPARED = """
 SELECT gid, owner::text, owner = CURRENT_USER FROM pg_catalog.pg_prepared_xacts
  WHERE database = pg_catalog.current_database() AND gid LIKE %s
 """
+# Every pyreplica transaction prepared in this database, any slave's (status, recover's refusal).
+IN_DOUBT = """
+SELECT gid, prepared, extract(epoch FROM now() - prepared)::float8
+  FROM pg_catalog.pg_prepared_xacts
+ WHERE database = pg_catalog.current_database() AND gid LIKE 'pyreplica:%'
+ ORDER BY prepared
+"""
 SETTINGS_CHECK = "SELECT pg_catalog.current_setting('max_prepared_transactions')::int"
 FINISH = {"COMMIT": "COMMIT PREPARED %s", "ROLLBACK": "ROLLBACK PREPARED %s"}
 
@@ -209,3 +216,16 @@ def recover(master_conn, slave_conn, slave, token, slave_batch, master_batch):
             elif verb == "COMMIT":
                 master_batch = max(master_batch or 0, batch_id)
     return done
+
+
+def in_doubt(conn, side):
+    """pyreplica's prepared transactions in this database (normal for an instant mid-batch)."""
+    with conn.cursor() as cur:
+        cur.execute(IN_DOUBT)
+        found = []
+        for gid, prepared, age in cur.fetchall():
+            parsed = parse_gid(gid)
+            slave, batch_id = (parsed.slave, parsed.batch_id) if parsed else (None, None)
+            found.append({"side": side, "gid": gid, "slave": slave, "batch_id": batch_id,
+                          "prepared": prepared.isoformat(), "age_seconds": round(age, 1)})
+        return found
